@@ -1,0 +1,5 @@
+"""Level datasets, per-level energy references, neighbour pairs and batches."""
+
+from metamlip.data.level_dataset import LevelDataset
+
+__all__ = ["LevelDataset"]
