@@ -1,0 +1,55 @@
+"""The `metamlip` command: parse, hand over to the library, print bad input on one line.
+
+Each subcommand lives in its own module under `metamlip.cli` and exposes
+``add_parser(subparsers)``, which registers the subcommand and sets ``run`` to a
+function taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from metamlip import __version__
+from metamlip.errors import InputError
+
+SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "label", "scan", "pretrain", "finetune", "experiment", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metamlip", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"metamlip {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"metamlip.cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"metamlip.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `metamlip` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except InputError as error:
+        print(f"metamlip {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"metamlip {args.command}: error: {error.filename or error}: no such file", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"metamlip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
