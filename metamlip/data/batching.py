@@ -1,0 +1,152 @@
+"""Batches of structures as flat tensors, cut from a level dataset and its cached pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.neighbours import PairTable, build_pair_table
+from metamlip.errors import InputError
+
+
+@dataclass
+class Batch:
+    """Several structures of one level, atoms end to end.
+
+    Attributes:
+        level: normalised level-of-theory name of the labels.
+        species_index: (n_atoms,) int64 position of each atom's element in the model's species list.
+        positions_angstrom: (n_atoms, 3) model dtype.
+        structure_index: (n_atoms,) int64 structure of each atom within the batch.
+        n_atoms: (n_structures,) int64 atoms per structure.
+        neighbour_index: (n_atoms, max_neighbours) int64 batch-wide index of each neighbour j of atom i;
+            padded slots point at atom i itself.
+        neighbour_shift_angstrom: (n_atoms, max_neighbours, 3) model dtype, Cartesian shift of j's
+            periodic image (zero for molecules and padding).
+        neighbour_mask: (n_atoms, max_neighbours) bool, False on padded slots.
+        energies_ev: (n_structures,) float64 labelled total energies.
+        forces_ev_per_angstrom: (n_atoms, 3) model dtype labelled forces, or None (energy-only level).
+    """
+
+    level: str
+    species_index: torch.Tensor
+    positions_angstrom: torch.Tensor
+    structure_index: torch.Tensor
+    n_atoms: torch.Tensor
+    neighbour_index: torch.Tensor
+    neighbour_shift_angstrom: torch.Tensor
+    neighbour_mask: torch.Tensor
+    energies_ev: torch.Tensor
+    forces_ev_per_angstrom: torch.Tensor | None
+
+    @property
+    def n_structures(self) -> int:
+        return int(self.n_atoms.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return Batch(**moved)
+
+
+def species_indices(atomic_numbers: np.ndarray, species: list[int], where: str) -> np.ndarray:
+    """Position of each atomic number in `species`; InputError naming the first unknown element."""
+    lookup = np.full(max(max(species), int(atomic_numbers.max(initial=0))) + 1, -1, dtype=np.int64)
+    lookup[np.asarray(species, dtype=np.int64)] = np.arange(len(species))
+    index = lookup[atomic_numbers]
+    if (index < 0).any():
+        unknown = sorted(set(int(z) for z in atomic_numbers[index < 0]))
+        raise InputError(f"{where}: element(s) with atomic number {unknown} unknown to the model (species {species})")
+    return index
+
+
+class StructureBatcher:
+    """Cuts batches from one level dataset; neighbour pairs are computed once, here."""
+
+    def __init__(
+        self,
+        dataset: LevelDataset,
+        species: list[int],
+        cutoff_angstrom: float,
+        dtype: torch.dtype = torch.float32,
+        pairs: PairTable | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.dtype = dtype
+        self.pairs = pairs if pairs is not None else build_pair_table(dataset, cutoff_angstrom)
+        self._species_index = species_indices(dataset.atomic_numbers, species, dataset.source or dataset.level)
+        self._pair_shift_angstrom = self._cartesian_shifts()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _cartesian_shifts(self) -> np.ndarray:
+        shifts = self.pairs.pair_cell_shift.astype(np.float64)
+        if self.dataset.cells_angstrom is None or not shifts.any():
+            return np.zeros_like(shifts)
+        structure_of_pair = np.repeat(np.arange(len(self.dataset)), self.pairs.n_pairs)
+        return np.einsum("pk,pkl->pl", shifts, self.dataset.cells_angstrom[structure_of_pair])
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """The structures at `indices` as one batch."""
+        data = self.dataset
+        indices = np.asarray(indices, dtype=np.int64)
+        n_atoms = data.n_atoms[indices]
+        atom_index = _ranges(data.atom_offsets[indices], n_atoms)
+        n_pairs = self.pairs.n_pairs[indices]
+        pair_index = _ranges(self.pairs.pair_offsets[indices], n_pairs)
+        first_atom_in_batch = np.repeat(np.cumsum(n_atoms) - n_atoms, n_pairs)
+        neighbours = _neighbour_matrix(
+            self.pairs.pair_first[pair_index] + first_atom_in_batch,
+            self.pairs.pair_second[pair_index] + first_atom_in_batch,
+            self._pair_shift_angstrom[pair_index],
+            len(atom_index),
+        )
+        forces = data.forces_ev_per_angstrom
+        return Batch(
+            level=data.level,
+            species_index=torch.from_numpy(self._species_index[atom_index]),
+            positions_angstrom=torch.from_numpy(data.positions_angstrom[atom_index]).to(self.dtype),
+            structure_index=torch.from_numpy(np.repeat(np.arange(len(indices)), n_atoms)),
+            n_atoms=torch.from_numpy(n_atoms),
+            neighbour_index=torch.from_numpy(neighbours[0]),
+            neighbour_shift_angstrom=torch.from_numpy(neighbours[1]).to(self.dtype),
+            neighbour_mask=torch.from_numpy(neighbours[2]),
+            energies_ev=torch.from_numpy(data.energies_ev[indices]),
+            forces_ev_per_angstrom=None if forces is None else torch.from_numpy(forces[atom_index]).to(self.dtype),
+        )
+
+    def batches(self, batch_size: int, seed: int | None = None) -> Iterator[Batch]:
+        """One pass over the dataset; shuffled with `seed` (a fixed order when None)."""
+        order = np.arange(len(self)) if seed is None else np.random.default_rng(seed).permutation(len(self))
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + length) for each pair, vectorised."""
+    total = int(lengths.sum())
+    block_start = np.cumsum(lengths) - lengths
+    return np.repeat(starts - block_start, lengths) + np.arange(total, dtype=np.int64)
+
+
+def _neighbour_matrix(
+    pair_first: np.ndarray, pair_second: np.ndarray, pair_shift_angstrom: np.ndarray, n_atoms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs sorted by first atom -> padded (n_atoms, max_neighbours) index, shift and mask arrays."""
+    count = np.bincount(pair_first, minlength=n_atoms)
+    width = max(int(count.max(initial=0)), 1)
+    slot = np.arange(len(pair_first)) - np.repeat(np.cumsum(count) - count, count)
+    index = np.repeat(np.arange(n_atoms, dtype=np.int64)[:, None], width, axis=1)
+    index[pair_first, slot] = pair_second
+    shift = np.zeros((n_atoms, width, 3))
+    shift[pair_first, slot] = pair_shift_angstrom
+    mask = np.zeros((n_atoms, width), dtype=bool)
+    mask[pair_first, slot] = True
+    return index, shift, mask

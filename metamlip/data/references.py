@@ -1,0 +1,53 @@
+"""Per-level linear energy reference: E ~ sum_Z n_Z e_Z, fitted by least squares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from metamlip.data.level_dataset import LevelDataset
+
+
+@dataclass
+class EnergyReference:
+    """Per-element reference energies of one level of theory.
+
+    Attributes:
+        level: normalised level name.
+        elements: atomic numbers, in the order of `energy_per_element_ev`.
+        energy_per_element_ev: (n_elements,) e_Z in eV; 0 for elements the level never saw.
+    """
+
+    level: str
+    elements: list[int]
+    energy_per_element_ev: np.ndarray
+
+    @classmethod
+    def fit(cls, dataset: LevelDataset, elements: list[int]) -> EnergyReference:
+        """Least-squares e_Z on element counts; a level with a single composition
+        gets the mean energy per atom for every element it contains."""
+        counts = dataset.composition_matrix(elements)
+        energies = dataset.energies_ev
+        if len(np.unique(counts, axis=0)) <= 1:
+            per_atom = float(np.mean(energies / counts.sum(axis=1))) if len(energies) else 0.0
+            energy_per_element = np.where(counts[:1].sum(axis=0) > 0, per_atom, 0.0) if len(counts) else np.zeros(len(elements))
+        else:
+            energy_per_element, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+            energy_per_element = np.where(counts.sum(axis=0) > 0, energy_per_element, 0.0)
+        return cls(dataset.level, list(elements), np.asarray(energy_per_element, dtype=np.float64))
+
+    def energies_ev(self, counts: np.ndarray) -> np.ndarray:
+        """(n_structures,) reference energies for an (n_structures, n_elements) count matrix."""
+        return np.asarray(counts, dtype=np.float64) @ self.energy_per_element_ev
+
+    def to_dict(self) -> dict:
+        return {
+            "level": self.level,
+            "elements": [int(z) for z in self.elements],
+            "energy_per_element_ev": [float(e) for e in self.energy_per_element_ev],
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> EnergyReference:
+        return cls(state["level"], list(state["elements"]), np.asarray(state["energy_per_element_ev"], dtype=np.float64))

@@ -1,0 +1,138 @@
+"""An interatomic potential: HIP-NN backbone, energy head(s) and per-level energy references.
+
+The network predicts the residual energy of a structure (its energy minus the
+linear per-element reference of the level); forces are minus the gradient of the
+energy with respect to positions. Several levels may share one head (joint
+training) or each have its own (multi-head); the map from level to head and the
+per-level references are part of the model and of its checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from metamlip.data.batching import Batch
+from metamlip.data.references import EnergyReference
+from metamlip.errors import InputError
+from metamlip.levels import normalise_level
+from metamlip.model.energy_head import HierarchicalEnergyHead
+from metamlip.model.hipnn import HipnnBackbone, HipnnConfig
+
+SHARED_HEAD = "shared"
+
+
+@dataclass
+class Prediction:
+    """Model output for a batch.
+
+    Attributes:
+        residual_energy_ev: (n_structures,) model dtype, energy minus the level reference.
+        reference_energy_ev: (n_structures,) float64 per-level linear reference energy.
+        forces_ev_per_angstrom: (n_atoms, 3) model dtype, or None when not asked for.
+    """
+
+    residual_energy_ev: torch.Tensor
+    reference_energy_ev: torch.Tensor
+    forces_ev_per_angstrom: torch.Tensor | None
+
+    @property
+    def energy_ev(self) -> torch.Tensor:
+        """(n_structures,) float64 total energies."""
+        return self.residual_energy_ev.detach().double() + self.reference_energy_ev
+
+
+class Potential(nn.Module):
+    """Backbone + named energy heads + per-level references."""
+
+    def __init__(self, species: list[int], config: HipnnConfig, head_names: list[str] = (SHARED_HEAD,)):
+        super().__init__()
+        self.species = [int(z) for z in species]
+        self.config = config
+        self.backbone = HipnnBackbone(len(self.species), config)
+        self.heads = nn.ModuleDict({name: HierarchicalEnergyHead(self.backbone.feature_sizes) for name in head_names})
+        self.references: dict[str, EnergyReference] = {}
+        self.level_heads: dict[str, str] = {}
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.level_heads)
+
+    def add_level(self, reference: EnergyReference, head: str = SHARED_HEAD) -> None:
+        """Register a level with its reference; a new head name gets a fresh head."""
+        if list(reference.elements) != self.species:
+            raise ValueError(f"reference elements {reference.elements} differ from model species {self.species}")
+        if head not in self.heads:
+            parameter = next(self.parameters())
+            self.heads[head] = HierarchicalEnergyHead(self.backbone.feature_sizes).to(parameter.device, parameter.dtype)
+        self.references[reference.level] = reference
+        self.level_heads[reference.level] = head
+
+    def resolve_level(self, level: str | None) -> str:
+        """The normalised name of a known level; None picks the only level of a one-level model."""
+        if level is None:
+            if len(self.level_heads) != 1:
+                raise InputError(f"the model knows levels {self.levels}: name one of them")
+            return self.levels[0]
+        name = normalise_level(level)
+        if name not in self.level_heads:
+            raise InputError(f"level {level!r} unknown to the model; it knows {self.levels}")
+        return name
+
+    def reference_energy_ev(self, batch: Batch, level: str) -> torch.Tensor:
+        """(n_structures,) float64 reference energies of `level` for the batch's compositions."""
+        per_element = torch.as_tensor(self.references[level].energy_per_element_ev, device=batch.species_index.device)
+        atom_reference = per_element[batch.species_index]
+        return atom_reference.new_zeros(batch.n_structures).index_add(0, batch.structure_index, atom_reference)
+
+    def forward(self, batch: Batch, level: str | None = None, forces: bool = True, create_graph: bool = False) -> Prediction:
+        """Energies (and forces) of `batch` at `level` (default: the batch's own level)."""
+        level = self.resolve_level(level if level is not None else batch.level)
+        positions = batch.positions_angstrom.detach().requires_grad_(forces)
+        distance = self.neighbour_distances_angstrom(batch, positions)
+        features = self.backbone(batch.species_index, batch.neighbour_index, distance)
+        residual = self.heads[self.level_heads[level]](features, batch.structure_index, batch.n_structures)
+        force = None
+        if forces:
+            (gradient,) = torch.autograd.grad(residual.sum(), positions, create_graph=create_graph)
+            force = -gradient
+        return Prediction(residual, self.reference_energy_ev(batch, level), force)
+
+    def neighbour_distances_angstrom(self, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
+        """(n_atoms, k) distance to each neighbour; padded slots get twice the cutoff (zero sensitivity)."""
+        vector = positions[batch.neighbour_index] - positions.unsqueeze(1) + batch.neighbour_shift_angstrom
+        padding = torch.full_like(vector, 2.0 * self.config.cutoff_angstrom / 3.0**0.5)
+        return torch.linalg.vector_norm(torch.where(batch.neighbour_mask.unsqueeze(-1), vector, padding), dim=-1)
+
+    def describe(self) -> dict:
+        """Everything needed to rebuild this model, as plain Python types."""
+        return {
+            "species": self.species,
+            "backbone": self.config.to_dict(),
+            "heads": list(self.heads),
+            "level_heads": dict(self.level_heads),
+            "references": {level: reference.to_dict() for level, reference in self.references.items()},
+        }
+
+    @classmethod
+    def from_description(cls, description: dict) -> Potential:
+        model = cls(description["species"], HipnnConfig(**description["backbone"]), description["heads"])
+        for level, head in description["level_heads"].items():
+            model.add_level(EnergyReference.from_dict(description["references"][level]), head)
+        return model
+
+
+def build_potential(
+    species: list[int], config: HipnnConfig, seed: int, dtype: torch.dtype = torch.float32, head_names: list[str] = (SHARED_HEAD,)
+) -> Potential:
+    """A freshly initialised potential; the same seed gives the same weights."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = Potential(sorted(int(z) for z in species), config, list(head_names)).to(dtype)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
