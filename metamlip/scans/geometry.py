@@ -1,7 +1,7 @@
 """Scan geometries: rigid torsion rotations and bond stretches of one molecule.
 
 The moving part of the molecule is found in the covalent bond graph (ASE's
-``natural_cutoffs``): cut the scanned bond and take the fragment on the far side.
+``natural_cutoffs``, scaled by BOND_CUTOFF_MULTIPLIER): cut the scanned bond and take the fragment on the far side.
 A bond inside a ring does not split the graph and is refused. Positions are in
 Angstrom, angles in degrees, atom indices 0-based as in the structure file.
 """
@@ -26,10 +26,15 @@ INFO_COORDINATE = "scan_coordinate"  # float: degrees (torsion) or Angstrom (bon
 INFO_KIND = "scan_kind"  # "torsion" | "bond"
 INFO_INDICES = "scan_indices"  # 0-based atom indices of the scanned coordinate
 
+# Two atoms are bonded when closer than 1.2 x the sum of their covalent radii. Exactly 1.0 misses
+# ordinary bonds (ethanol's C-O is 1.43 Angstrom against 0.76 + 0.66 = 1.42); 1.2 still keeps
+# geminal atoms (H-C-H at ~1.8 Angstrom against 0.74) apart.
+BOND_CUTOFF_MULTIPLIER: float = 1.2
+
 
 def bond_graph(atoms: Atoms) -> list[set[int]]:
-    """Covalent neighbours of each atom: pairs closer than the sum of ASE's natural cutoffs."""
-    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms))
+    """Covalent neighbours of each atom: pairs closer than BOND_CUTOFF_MULTIPLIER x (r_i + r_j)."""
+    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_CUTOFF_MULTIPLIER))
     neighbours: list[set[int]] = [set() for _ in range(len(atoms))]
     for a, b in zip(first.tolist(), second.tolist()):
         neighbours[a].add(b)

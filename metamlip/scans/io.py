@@ -128,8 +128,8 @@ def _read_csv(path: Path, kind: str | None, name: str | None) -> Scan:
     except ValueError as error:
         raise InputError(f"{path}: {error}") from None
     data = np.array(rows) * [_coordinate_factor(path, resolved, coordinate_unit), energy_factor]
-    periodic_text = meta.get("periodic")
-    periodic = resolved == "torsion" and (is_full_turn(data[:, 0]) if periodic_text is None else periodic_text == "true")
+    stated = meta.get("periodic")
+    periodic = resolved == "torsion" and (is_full_turn(data[:, 0]) if stated is None else stated.lower() == "true")
     label = name or meta.get("name") or path.stem
     return Scan(name=label, kind=resolved, coordinate=data[:, 0], energies_ev=data[:, 1], periodic=periodic)
 

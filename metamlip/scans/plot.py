@@ -30,7 +30,7 @@ def plot_scans(path_png: str | Path, scans: dict[str, Scan], reference: Scan | N
         axes.plot(scan.coordinate, scan.relative_energies_ev, marker="o", markersize=3, linewidth=1.4, label=label)
     if reference is not None:
         axes.plot(reference.coordinate, reference.relative_energies_ev, color="black", linestyle="--",
-                  marker="x", markersize=4, linewidth=1.4, label=f"reference: {reference.name}")
+                  marker="x", markersize=4, linewidth=1.4, zorder=3, label=f"reference: {reference.name}")
     first = curves[0][1] if curves else reference
     axes.set_xlabel(first.coordinate_label)
     axes.set_ylabel("energy relative to minimum (eV)")

@@ -84,16 +84,19 @@ class Scan:
 
 
 def is_full_turn(angles_degree: np.ndarray) -> bool:
-    """True when sorted angles cover the circle: the wrap-around gap is no larger than the widest step.
+    """True when the angles cover the circle: no gap around it is wider than the widest scan step.
 
     [-180, -170, ..., 180] and [0, 10, ..., 350] are full turns; [-60, ..., 60] is not.
     """
-    wrapped = np.unique(np.mod(np.asarray(angles_degree, dtype=float), FULL_TURN_DEGREE))
-    if wrapped.size < 3:
+    angles = np.sort(np.asarray(angles_degree, dtype=float).reshape(-1))
+    if angles.size < 3:
         return False
-    widest_step = float(np.max(np.diff(wrapped)))
-    wrap_gap = float(wrapped[0] + FULL_TURN_DEGREE - wrapped[-1])
-    return wrap_gap <= widest_step * (1.0 + 1e-6) + _SAME_ANGLE_TOLERANCE_DEGREE
+    if angles[-1] - angles[0] > FULL_TURN_DEGREE + _SAME_ANGLE_TOLERANCE_DEGREE:
+        return True
+    widest_step = float(np.max(np.diff(angles)))
+    on_circle = np.unique(np.mod(angles, FULL_TURN_DEGREE))
+    gaps = np.diff(np.append(on_circle, on_circle[0] + FULL_TURN_DEGREE))
+    return float(np.max(gaps)) <= widest_step * (1.0 + 1e-6) + _SAME_ANGLE_TOLERANCE_DEGREE
 
 
 def scan_energies_ev(geometries: Sequence[Atoms], calculator: Calculator) -> np.ndarray:
