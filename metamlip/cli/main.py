@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except InputError as error:
-        print(f"metamlip {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())
+        print(f"metamlip {args.command}: error: {message}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:
         print(f"metamlip {args.command}: error: {error.filename or error}: no such file", file=sys.stderr)

@@ -122,7 +122,7 @@ class StructureBatcher:
             forces_ev_per_angstrom=None if forces is None else torch.from_numpy(forces[atom_index]).to(self.dtype),
         )
 
-    def batches(self, batch_size: int, seed: int | None = None) -> Iterator[Batch]:
+    def batches(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[Batch]:
         """One pass over the dataset; shuffled with `seed` (a fixed order when None)."""
         order = np.arange(len(self)) if seed is None else np.random.default_rng(seed).permutation(len(self))
         for start in range(0, len(order), batch_size):

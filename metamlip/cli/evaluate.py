@@ -1,0 +1,49 @@
+"""`metamlip evaluate CHECKPOINT DATA`: error metrics and a parity plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from metamlip.data.batching import StructureBatcher
+from metamlip.evaluation.metrics import error_metrics, predict
+from metamlip.evaluation.parity import plot_parity
+from metamlip.evaluation.table import format_metrics_table
+from metamlip.readers import read_dataset
+from metamlip.training.checkpoint import load_potential
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="errors of a trained potential on labelled structures")
+    parser.add_argument("checkpoint", help="model file written by train/finetune (model.pt)")
+    parser.add_argument("data", help="labelled structures (any format metamlip reads)")
+    parser.add_argument("--format", help="file format (default: detected)")
+    parser.add_argument("--data-level", help="level of theory of DATA when the file does not say")
+    parser.add_argument("--energy-unit", help="energy unit of DATA when the file does not say")
+    parser.add_argument("--length-unit", help="length unit of DATA when the file does not say")
+    parser.add_argument("--model-level", help="which of the model's levels to predict (default: DATA's level)")
+    parser.add_argument("--kcal", action="store_true", help="report kcal/mol and kcal/mol/Angstrom")
+    parser.add_argument("--out", help="folder for metrics.json and parity PNGs")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_potential(args.checkpoint)
+    datasets = read_dataset(
+        args.data, format=args.format, level=args.data_level, energy_unit=args.energy_unit, length_unit=args.length_unit
+    )
+    metrics = {}
+    for dataset in datasets:
+        model_level = model.resolve_level(args.model_level or (dataset.level if dataset.level in model.levels else None))
+        batcher = StructureBatcher(dataset, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype)
+        predictions = predict(model, batcher, level=model_level)
+        metrics[dataset.level] = error_metrics(predictions)
+        if args.out:
+            plot_parity(predictions, Path(args.out) / f"parity_{len(metrics)}.png", title=f"{dataset.level} ({dataset.source})")
+    print(format_metrics_table(metrics, kcal_per_mol=args.kcal))
+    if args.out:
+        (Path(args.out) / "metrics.json").write_text(
+            json.dumps({level: m.to_dict() for level, m in metrics.items()}, indent=2), encoding="utf-8"
+        )
+    return 0

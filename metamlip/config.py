@@ -1,0 +1,181 @@
+"""YAML run configurations, validated into typed dataclasses.
+
+Every key is a field of a dataclass below, documented in the README. Unknown keys,
+wrong types and missing files give an `InputError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metamlip.errors import InputError
+
+
+@dataclass
+class DataSource:
+    """One file of labelled structures (see `metamlip.readers.read_dataset`)."""
+
+    path: str = ""
+    format: str | None = None
+    level: str | None = None
+    levels: list[str] | None = None
+    energy_unit: str | None = None
+    length_unit: str | None = None
+    energy_key: str | None = None
+    forces_key: str | None = None
+
+    def reader_options(self) -> dict[str, Any]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if name != "path"}
+
+
+@dataclass
+class SplitConfig:
+    """Train/validation/test split of each level: a seeded permutation
+    (``np.random.RandomState(seed).permutation(n)``, the same as ``np.random.seed(seed);
+    np.random.shuffle(np.arange(n))``); the first `train` structures train, the next
+    `validation` validate, the rest (or the next `test`) test. Counts, or fractions < 1."""
+
+    seed: int = 0
+    train: float = 0.8
+    validation: float = 0.1
+    test: float | None = None
+
+
+@dataclass
+class ModelSection:
+    """HIP-NN shape (distances in Angstrom), number type and initialisation seed."""
+
+    n_features: int = 64
+    n_sensitivities: int = 20
+    n_interaction_layers: int = 2
+    n_atom_layers: int = 3
+    soft_min_angstrom: float = 0.75
+    soft_max_angstrom: float = 5.5
+    cutoff_angstrom: float = 6.5
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass
+class TrainingSection:
+    """Optimisation: Adam, plateau learning-rate schedule, early stopping, limits."""
+
+    batch_size: int = 32
+    learning_rate: float = 1.0e-3
+    energy_weight: float = 1.0
+    force_weight: float = 1.0
+    max_epochs: int = 1000
+    max_wall_seconds: float | None = None
+    early_stopping_patience: int = 60
+    scheduler_patience: int = 15
+    scheduler_factor: float = 0.5
+    min_learning_rate: float = 1.0e-5
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """`metamlip train`: datasets (one level each, or multi-level files), split, model, training."""
+
+    datasets: list[DataSource] = field(default_factory=list)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    output_dir: str = "runs/train"
+
+
+def load_config(path: str | Path, cls: type, overrides: list[str] = (), base_dir: Path | None = None):
+    """Read YAML at `path`, apply ``key.sub=value`` overrides, and validate into `cls`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such config file")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+    if not isinstance(mapping, dict):
+        raise InputError(f"{path}: the top level must be a mapping of keys")
+    for override in overrides:
+        apply_override(mapping, override)
+    config = from_mapping(cls, mapping, where=str(path))
+    resolve_paths(config, base_dir if base_dir is not None else path.parent)
+    return config
+
+
+def apply_override(mapping: dict, override: str) -> None:
+    """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML."""
+    key, separator, text = override.partition("=")
+    if not separator or not key:
+        raise InputError(f"--set {override!r}: expected KEY=VALUE, e.g. training.learning_rate=0.002")
+    *parents, leaf = key.strip().split(".")
+    target = mapping
+    for part in parents:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise InputError(f"--set {override!r}: {part!r} is not a section")
+    target[leaf] = yaml.safe_load(text)
+
+
+def from_mapping(cls: type, mapping: Any, where: str, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(mapping, dict):
+        raise InputError(f"{where}: {prefix.rstrip('.') or 'the top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in mapping:
+        if key not in known:
+            raise InputError(f"{where}: unknown config key {prefix + str(key)!r}; known keys here: {sorted(known)}")
+    values = {key: _coerce(hints[key], value, where, prefix + key) for key, value in mapping.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    arguments = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        hint = next(argument for argument in arguments if argument is not type(None))
+        return _coerce(hint, value, where, key)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where, key + ".")
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(arguments[0], item, where, f"{key}[{index}]") for index, item in enumerate(items)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint is Any:
+        return value
+    raise InputError(f"{where}: config key {key!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def resolve_paths(config: Any, base_dir: Path) -> None:
+    """Make every DataSource path absolute, relative to the config file's folder; check it exists."""
+    for name in (f.name for f in dataclasses.fields(config)):
+        value = getattr(config, name)
+        items = value if isinstance(value, list) else [value]
+        for index, item in enumerate(items):
+            if isinstance(item, DataSource):
+                if not item.path:
+                    raise InputError(f"config key {name}[{index}].path is missing")
+                path = Path(item.path).expanduser()
+                item.path = str(path if path.is_absolute() else (base_dir / path).resolve())
+                if not Path(item.path).exists():
+                    raise InputError(f"config key {name}[{index}].path: {item.path}: no such file")
+            elif dataclasses.is_dataclass(item):
+                resolve_paths(item, base_dir)

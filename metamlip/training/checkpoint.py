@@ -1,0 +1,83 @@
+"""Checkpoints: one file with weights, model description, per-level references, species,
+units, package version and (optionally) the state needed to resume training.
+
+Written atomically (temporary file in the same folder, fsync, rename), and loaded with
+``torch.load(..., weights_only=True)``: a checkpoint holds only tensors and plain types.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from metamlip import __version__
+from metamlip.errors import InputError
+from metamlip.model.potential import Potential
+
+CHECKPOINT_FORMAT = "metamlip-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+UNITS = {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
+
+
+def atomic_torch_save(payload: dict, path: str | Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: Potential, training_state: dict | None = None, extra: dict | None = None) -> None:
+    """Write `model` (and optional resumable training state and metadata) to `path` atomically."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "metamlip_version": __version__,
+        "units": dict(UNITS),
+        "model": model.describe(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        "training_state": training_state,
+        "extra": extra or {},
+    }
+    atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dictionary; InputError naming the file if it is not a metamlip checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        first_line = (str(error).strip().splitlines() or [""])[0][:160]
+        raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__}: {first_line})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a metamlip checkpoint")
+    if payload["format_version"] > CHECKPOINT_FORMAT_VERSION:
+        raise InputError(f"{path}: checkpoint format {payload['format_version']} is newer than this metamlip")
+    return payload
+
+
+def model_from_checkpoint(payload: dict) -> Potential:
+    """Rebuild the potential stored in a checkpoint dictionary."""
+    model = Potential.from_description(payload["model"]).to(getattr(torch, payload["dtype"]))
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def load_potential(path: str | Path) -> Potential:
+    """The potential stored at `path`, in evaluation mode."""
+    return model_from_checkpoint(read_checkpoint(path)).eval()

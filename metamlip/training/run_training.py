@@ -1,0 +1,150 @@
+"""`metamlip train` as a library call: read, split, fit references, train, test."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metamlip.config import ModelSection, SplitConfig, TrainConfig, TrainingSection
+from metamlip.data.batching import StructureBatcher
+from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.references import EnergyReference
+from metamlip.errors import InputError
+from metamlip.evaluation.metrics import ErrorMetrics, error_metrics, predict
+from metamlip.evaluation.parity import plot_parity
+from metamlip.model.hipnn import HipnnConfig
+from metamlip.model.potential import Potential, build_potential
+from metamlip.readers import read_dataset
+from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
+from metamlip.training.loss import LossWeights
+
+log = logging.getLogger("metamlip.training")
+
+
+@dataclass
+class LevelSplit:
+    """The three parts of one level's data."""
+
+    train: LevelDataset
+    validation: LevelDataset
+    test: LevelDataset
+
+
+@dataclass
+class TrainReport:
+    """What `run_training` produced: the fit, and test metrics per level."""
+
+    fit: FitResult
+    test_metrics: dict[str, ErrorMetrics]
+    run_dir: Path
+
+
+def split_counts(n_structures: int, split: SplitConfig) -> tuple[int, int, int]:
+    """Numbers of train, validation and test structures (fractions < 1 are of `n_structures`)."""
+
+    def count(value: float | None, default: int) -> int:
+        if value is None:
+            return default
+        return int(round(value * n_structures)) if 0 < value < 1 else int(value)
+
+    n_train = count(split.train, 0)
+    n_validation = count(split.validation, 0)
+    n_test = count(split.test, n_structures - n_train - n_validation)
+    if n_train < 1 or n_train + n_validation + n_test > n_structures:
+        raise InputError(
+            f"split: train {n_train} + validation {n_validation} + test {n_test} does not fit {n_structures} structures"
+        )
+    return n_train, n_validation, n_test
+
+
+def split_dataset(dataset: LevelDataset, split: SplitConfig) -> LevelSplit:
+    """Seeded permutation; the first structures train, the next validate, the rest test."""
+    n_train, n_validation, n_test = split_counts(len(dataset), split)
+    order = np.random.RandomState(split.seed).permutation(len(dataset))
+    return LevelSplit(
+        train=dataset.subset(order[:n_train]),
+        validation=dataset.subset(order[n_train : n_train + n_validation]),
+        test=dataset.subset(order[n_train + n_validation : n_train + n_validation + n_test]),
+    )
+
+
+def training_settings(section: TrainingSection) -> TrainingSettings:
+    """The loop's settings from the config section."""
+    return TrainingSettings(
+        batch_size=section.batch_size,
+        learning_rate=section.learning_rate,
+        loss=LossWeights(energy=section.energy_weight, forces=section.force_weight),
+        max_epochs=section.max_epochs,
+        max_wall_seconds=section.max_wall_seconds,
+        early_stopping_patience=section.early_stopping_patience,
+        scheduler_patience=section.scheduler_patience,
+        scheduler_factor=section.scheduler_factor,
+        min_learning_rate=section.min_learning_rate,
+        seed=section.seed,
+        progress=section.progress,
+    )
+
+
+def model_dtype(section: ModelSection) -> torch.dtype:
+    if section.dtype not in ("float32", "float64"):
+        raise InputError(f"config key 'model.dtype' must be float32 or float64, got {section.dtype!r}")
+    return getattr(torch, section.dtype)
+
+
+def new_potential(section: ModelSection, elements: list[int]) -> Potential:
+    """A fresh potential shaped by the config's model section."""
+    shape = {name: value for name, value in asdict(section).items() if name not in ("dtype", "seed")}
+    return build_potential(elements, HipnnConfig(**shape), seed=section.seed, dtype=model_dtype(section))
+
+
+def read_levels(config: TrainConfig) -> list[LevelDataset]:
+    """Every level of every configured dataset; one level may not come from two sources."""
+    if not config.datasets:
+        raise InputError("config key 'datasets' lists no data")
+    levels: dict[str, LevelDataset] = {}
+    for source in config.datasets:
+        for dataset in read_dataset(source.path, **source.reader_options()):
+            if dataset.level in levels:
+                raise InputError(f"level {dataset.level!r} comes from both {levels[dataset.level].source} and {dataset.source}")
+            levels[dataset.level] = dataset
+    return list(levels.values())
+
+
+def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
+    """Train one potential (one shared head) on all configured levels and test it."""
+    if config.training.threads:
+        torch.set_num_threads(config.training.threads)
+    run_dir = Path(config.output_dir)
+    splits = {dataset.level: split_dataset(dataset, config.split) for dataset in read_levels(config)}
+    elements = sorted({z for split in splits.values() for z in split.train.elements + split.validation.elements + split.test.elements})
+    model = new_potential(config.model, elements)
+    for level, split in splits.items():
+        model.add_level(EnergyReference.fit(split.train, model.species))
+        log.info("%s: %d train, %d validation, %d test structures", level, len(split.train), len(split.validation), len(split.test))
+
+    def batcher(dataset: LevelDataset) -> StructureBatcher:
+        return StructureBatcher(dataset, model.species, config.model.cutoff_angstrom, model_dtype(config.model))
+
+    tasks = [Task(level, batcher(split.train), batcher(split.validation) if len(split.validation) else None) for level, split in splits.items()]
+    settings = training_settings(config.training)
+    result = fit(model, MixedBatchEpochs(tasks, settings), tasks, settings, run_dir, resume=resume)
+
+    test_metrics = {}
+    for level, split in splits.items():
+        if len(split.test):
+            predictions = predict(model, batcher(split.test))
+            test_metrics[level] = error_metrics(predictions)
+            plot_parity(predictions, run_dir / f"parity_{_slug(level)}.png", title=f"{level}: test set")
+    (run_dir / "test_metrics.json").write_text(
+        json.dumps({level: metrics.to_dict() for level, metrics in test_metrics.items()}, indent=2), encoding="utf-8"
+    )
+    return TrainReport(result, test_metrics, run_dir)
+
+
+def _slug(level: str) -> str:
+    return "".join(character if character.isalnum() or character in "-+" else "_" for character in level)
