@@ -65,10 +65,14 @@ class Potential(nn.Module):
         if list(reference.elements) != self.species:
             raise ValueError(f"reference elements {reference.elements} differ from model species {self.species}")
         if head not in self.heads:
-            parameter = next(self.parameters())
-            self.heads[head] = HierarchicalEnergyHead(self.backbone.feature_sizes).to(parameter.device, parameter.dtype)
+            self.add_level_head(head)
         self.references[reference.level] = reference
         self.level_heads[reference.level] = head
+
+    def add_level_head(self, head: str) -> None:
+        """A fresh energy head called `head`, on the model's device and dtype."""
+        parameter = next(self.parameters())
+        self.heads[head] = HierarchicalEnergyHead(self.backbone.feature_sizes).to(parameter.device, parameter.dtype)
 
     def resolve_level(self, level: str | None) -> str:
         """The normalised name of a known level; None picks the only level of a one-level model."""

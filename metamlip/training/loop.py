@@ -38,7 +38,7 @@ LOG_NAME = "log.jsonl"
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Optimisation settings (see the README for each key)."""
+    """Optimisation settings (see the README for each key); `restore_best` False keeps the last weights."""
 
     batch_size: int = 32
     learning_rate: float = 1.0e-3
@@ -51,6 +51,7 @@ class TrainingSettings:
     min_learning_rate: float = 1.0e-5
     seed: int = 0
     progress: bool = True
+    restore_best: bool = True
 
 
 @dataclass
@@ -99,31 +100,59 @@ def train_steps(
     return means
 
 
-def endless_batches(batcher: StructureBatcher, batch_size: int, seed: int) -> Iterator[Batch]:
+def endless_batches(batcher: StructureBatcher, batch_size: int, seed: int | tuple[int, ...]) -> Iterator[Batch]:
     """Shuffled passes over a dataset, one after another, each pass with its own seed."""
+    seed = seed if isinstance(seed, tuple) else (seed,)
     for repeat in range(2**62):
-        yield from batcher.batches(batch_size, seed=(seed, repeat))
+        yield from batcher.batches(batch_size, seed=(*seed, repeat))
 
 
 class EpochPlan(Protocol):
     """What one epoch of training does; strategies provide their own."""
 
+    def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
+        """The optimiser whose learning rate the loop schedules and whose state it checkpoints."""
+        ...
+
     def run_epoch(self, model: Potential, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]: ...
+
+
+def sample_task_order(generator: np.random.Generator, task_sizes: list[int], n_draws: int, sampling: str) -> np.ndarray:
+    """Indices of `n_draws` tasks drawn with replacement, uniformly or in proportion to size."""
+    if sampling not in ("size", "uniform"):
+        raise InputError(f"task sampling must be 'size' or 'uniform', got {sampling!r}")
+    weights = np.asarray(task_sizes, dtype=np.float64) if sampling == "size" else np.ones(len(task_sizes))
+    return generator.choice(len(task_sizes), size=n_draws, p=weights / weights.sum())
 
 
 @dataclass
 class MixedBatchEpochs:
-    """Every epoch: each task's training set once in shuffled batches, tasks interleaved at random.
-    One level per batch, so each batch uses its own level's reference and head."""
+    """Batches of all tasks, one level per batch (each batch uses its own level's reference and head).
+
+    With `steps_per_epoch` None an epoch is one shuffled pass over every task's training set,
+    tasks interleaved at random; otherwise an epoch is `steps_per_epoch` batches, each from a
+    task drawn by `task_sampling` ('size': in proportion to training-set size, or 'uniform').
+    The batch order depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
 
     tasks: list[Task]
     settings: TrainingSettings
+    steps_per_epoch: int | None = None
+    task_sampling: str = "size"
+
+    def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=settings.learning_rate)
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         generator = np.random.default_rng([self.settings.seed, epoch])
-        streams = [task.train.batches(self.settings.batch_size, seed=int(generator.integers(2**32))) for task in self.tasks]
-        counts = [math.ceil(len(task.train) / self.settings.batch_size) for task in self.tasks]
-        order = generator.permutation(np.repeat(np.arange(len(self.tasks)), counts))
+        batch_size = self.settings.batch_size
+        streams = [endless_batches(task.train, batch_size, (self.settings.seed, epoch, index)) for index, task in enumerate(self.tasks)]
+        if self.steps_per_epoch is None:
+            counts = [math.ceil(len(task.train) / batch_size) for task in self.tasks]
+            order = generator.permutation(np.repeat(np.arange(len(self.tasks)), counts))
+        else:
+            sizes = [len(task.train) for task in self.tasks]
+            order = sample_task_order(generator, sizes, self.steps_per_epoch, self.task_sampling)
         for task_index in order:
             yield next(streams[task_index])
 
@@ -167,7 +196,8 @@ def fit(
     """Train `model` epoch by epoch with `plan`; checkpoint to `run_dir` and restore the best weights."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.Adam(list(parameters) if parameters is not None else model.parameters(), lr=settings.learning_rate)
+    trained = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
+    optimizer = plan.make_optimizer(trained, settings)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=settings.scheduler_factor, patience=settings.scheduler_patience
     )
@@ -202,7 +232,8 @@ def fit(
             break
     bar.close()
     stop_reason = stop_reason or "max_epochs"
-    model.load_state_dict(state.best_state)
+    if settings.restore_best:
+        model.load_state_dict(state.best_state)
     save_checkpoint(run_dir / MODEL_NAME, model, extra={"best_epoch": state.best_epoch, "stop_reason": stop_reason})
     log.info(
         "stopped after epoch %d (%s); best epoch %d, validation loss %.4g",

@@ -1,0 +1,67 @@
+"""Fine-tuning a (pre-trained) potential to a target level of theory with few structures."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from metamlip.data.batching import StructureBatcher
+from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.references import EnergyReference
+from metamlip.errors import InputError
+from metamlip.model.potential import Potential
+from metamlip.strategies import Strategy
+from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How the target level joins the model.
+
+    Attributes:
+        freeze_backbone: train only the energy head(s), keep the backbone fixed.
+        head_source: multihead only: the pre-training level whose head the new head copies
+            (default: the mean of all heads).
+    """
+
+    freeze_backbone: bool = False
+    head_source: str | None = None
+
+
+def finetune(
+    pretrained: Potential,
+    strategy: Strategy,
+    train: LevelDataset,
+    validation: LevelDataset,
+    settings: TrainingSettings,
+    run_dir: str | Path,
+    options: FinetuneOptions = FinetuneOptions(),
+) -> tuple[Potential, FitResult]:
+    """A copy of `pretrained` refitted to the level of `train`; `pretrained` is left unchanged.
+
+    The target reference is fitted on `train` only; validation drives early stopping and
+    the choice of the best weights. Nothing else of the target level is seen.
+    """
+    model = copy.deepcopy(pretrained)
+    level = train.level
+    if level in model.level_heads:
+        raise InputError(f"target level {level!r} is already one of the model's levels {model.levels}")
+    missing = sorted(set(train.elements + validation.elements) - set(model.species))
+    if missing:
+        raise InputError(f"{train.source}: elements {missing} unknown to the pre-trained model (species {model.species})")
+    head = strategy.finetune_head(model, level, options.head_source)
+    model.add_level(EnergyReference.fit(train, model.species), head)
+    if options.freeze_backbone:
+        for parameter in model.backbone.parameters():
+            parameter.requires_grad_(False)
+    dtype = next(model.parameters()).dtype
+
+    def batcher(dataset: LevelDataset) -> StructureBatcher:
+        return StructureBatcher(dataset, model.species, model.config.cutoff_angstrom, dtype)
+
+    task = Task(level, batcher(train), batcher(validation) if len(validation) else None)
+    result = fit(model, MixedBatchEpochs([task], settings), [task], settings, run_dir)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model, result
