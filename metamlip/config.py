@@ -164,18 +164,22 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     raise InputError(f"{where}: config key {key!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def resolve_paths(config: Any, base_dir: Path) -> None:
-    """Make every DataSource path absolute, relative to the config file's folder; check it exists."""
+def resolve_paths(config: Any, base_dir: Path, prefix: str = "") -> None:
+    """Make file paths (`path` of data and scan sources, `checkpoint`) absolute, relative to the
+    config file's folder, and check that they exist."""
     for name in (f.name for f in dataclasses.fields(config)):
         value = getattr(config, name)
+        if name in ("path", "checkpoint") and isinstance(value, str):
+            if not value:
+                raise InputError(f"config key {prefix + name!r} is missing")
+            path = Path(value).expanduser()
+            resolved = str(path if path.is_absolute() else (base_dir / path).resolve())
+            if not Path(resolved).exists():
+                raise InputError(f"config key {prefix + name!r}: {resolved}: no such file")
+            setattr(config, name, resolved)
+            continue
         items = value if isinstance(value, list) else [value]
         for index, item in enumerate(items):
-            if isinstance(item, DataSource):
-                if not item.path:
-                    raise InputError(f"config key {name}[{index}].path is missing")
-                path = Path(item.path).expanduser()
-                item.path = str(path if path.is_absolute() else (base_dir / path).resolve())
-                if not Path(item.path).exists():
-                    raise InputError(f"config key {name}[{index}].path: {item.path}: no such file")
-            elif dataclasses.is_dataclass(item):
-                resolve_paths(item, base_dir)
+            if dataclasses.is_dataclass(item):
+                where = f"{prefix}{name}[{index}]." if isinstance(value, list) else f"{prefix}{name}."
+                resolve_paths(item, base_dir, where)

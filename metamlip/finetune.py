@@ -6,13 +6,19 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+from metamlip.config import SplitConfig
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
+from metamlip.evaluation.metrics import ErrorMetrics, evaluate
+from metamlip.experiment.config import FinetuneConfig
 from metamlip.model.potential import Potential
-from metamlip.strategies import Strategy
+from metamlip.readers import read_level
+from metamlip.strategies import Strategy, get_strategy
+from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
+from metamlip.training.run_training import split_dataset, training_settings
 
 
 @dataclass(frozen=True)
@@ -65,3 +71,22 @@ def finetune(
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return model, result
+
+
+def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
+    """`metamlip finetune`: split the target level, refit the checkpoint, test, save OUTPUT_DIR/model.pt."""
+    payload = read_checkpoint(config.checkpoint)
+    pretrained = model_from_checkpoint(payload)
+    strategy = get_strategy(payload["extra"].get("strategy", "joint"))
+    target = read_level(config.dataset.path, **config.dataset.reader_options())
+    n_validation = config.n_validation if config.n_validation is not None else max(2, round(0.2 * config.n_finetune))
+    split = SplitConfig(seed=config.split_seed, train=config.n_finetune, validation=n_validation, test=config.n_test)
+    parts = split_dataset(target, split)
+    run_dir = Path(config.output_dir)
+    options = FinetuneOptions(config.freeze_backbone, config.head_source)
+    model, _ = finetune(pretrained, strategy, parts.train, parts.validation, training_settings(config.training), run_dir, options)
+    save_checkpoint(run_dir / "model.pt", model, extra={"strategy": strategy.name, "finetuned_level": target.level})
+    metrics = None
+    if len(parts.test):
+        metrics = evaluate(model, StructureBatcher(parts.test, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype))
+    return run_dir / "model.pt", metrics

@@ -5,14 +5,19 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from metamlip.config import ModelSection
+from metamlip.config import ModelSection, SplitConfig
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.references import EnergyReference
+from metamlip.errors import InputError
+from metamlip.experiment.config import PretrainConfig
+from metamlip.levels import normalise_level
 from metamlip.model.potential import Potential
-from metamlip.strategies import PretrainBudget, Strategy
+from metamlip.readers import read_dataset
+from metamlip.strategies import PretrainBudget, Strategy, get_strategy
+from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import FitResult, Task, TrainingSettings, fit
-from metamlip.training.run_training import LevelSplit, model_dtype, new_potential
+from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, split_dataset, training_settings
 
 
 def level_tasks(model: Potential, splits: dict[str, LevelSplit], cutoff_angstrom: float, dtype) -> list[Task]:
@@ -58,3 +63,27 @@ def pretrain(
     )
     result = fit(model, strategy.epoch_plan(tasks, settings, budget), tasks, settings, run_dir, resume=resume)
     return model, result
+
+
+def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
+    """`metamlip pretrain`: read the levels, split off validation, pre-train, save OUTPUT_DIR/model.pt."""
+    strategy = get_strategy(config.strategy)
+    wanted = None if config.levels is None else [normalise_level(level) for level in config.levels]
+    levels: dict[str, LevelDataset] = {}
+    for source in config.datasets:
+        for dataset in read_dataset(source.path, **source.reader_options()):
+            if wanted is None or dataset.level in wanted:
+                levels.setdefault(dataset.level, dataset)
+    missing = sorted(set(wanted or []) - set(levels))
+    if missing or not levels:
+        raise InputError(f"levels {missing or config.levels} are in none of the datasets")
+    fraction = config.pretrain.validation_fraction
+    split = SplitConfig(seed=config.split_seed, train=1 - fraction, validation=fraction, test=0)
+    splits = {level: split_dataset(dataset, split) for level, dataset in levels.items()}
+    elements = sorted({z for dataset in levels.values() for z in dataset.elements})
+    settings = training_settings(config.pretrain.training)
+    run_dir = Path(config.output_dir)
+    model, _ = pretrain(strategy, splits, elements, config.model, settings, config.pretrain.budget(), run_dir, resume)
+    path = run_dir / "model.pt"
+    save_checkpoint(path, model, extra={"strategy": strategy.name})
+    return path

@@ -1,0 +1,1 @@
+"""Strategy comparison: pre-train, fine-tune for every N and seed, test, report."""

@@ -1,0 +1,121 @@
+"""Typed configuration of `metamlip pretrain`, `finetune` and `experiment` (keys in the README)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from metamlip.config import DataSource, ModelSection, TrainingSection
+from metamlip.strategies import PretrainBudget, ReptileSettings
+
+
+@dataclass
+class ReptileSection:
+    """Reptile: k inner steps, m tasks per meta-step, inner optimiser, epsilon schedule, task sampling."""
+
+    inner_steps: int = 5
+    tasks_per_meta_step: int = 1
+    inner_optimizer: str = "adam"
+    inner_learning_rate: float = 1.0e-3
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.1
+    task_sampling: str = "uniform"
+
+    def settings(self) -> ReptileSettings:
+        return ReptileSettings(**vars(self))
+
+
+@dataclass
+class PretrainSection:
+    """The budget every strategy gets, and how pre-training levels are split."""
+
+    gradient_steps: int = 3000
+    wall_seconds: float | None = None
+    steps_per_epoch: int = 100
+    task_sampling: str = "size"
+    validation_fraction: float = 0.1
+    training: TrainingSection = field(default_factory=TrainingSection)
+    reptile: ReptileSection = field(default_factory=ReptileSection)
+
+    def budget(self) -> PretrainBudget:
+        return PretrainBudget(
+            gradient_steps=self.gradient_steps,
+            wall_seconds=self.wall_seconds,
+            steps_per_epoch=self.steps_per_epoch,
+            task_sampling=self.task_sampling,
+            reptile=self.reptile.settings(),
+        )
+
+
+@dataclass
+class FinetuneSection:
+    """Fine-tuning: sizes N of the target training set, seeds, validation, training settings."""
+
+    n_finetune: list[int] = field(default_factory=lambda: [10, 25, 100])
+    seeds: int = 2
+    validation_fraction: float = 0.2
+    min_validation: int = 2
+    freeze_backbone: bool = False
+    head_source: str | None = None
+    training: TrainingSection = field(default_factory=TrainingSection)
+
+    def n_validation(self, n_finetune: int) -> int:
+        """Validation structures drawn beside N training structures."""
+        return max(self.min_validation, int(round(self.validation_fraction * n_finetune)))
+
+
+@dataclass
+class ScanSource:
+    """A reference 1-D scan at the target level: extended XYZ frames with info['scan_coordinate'].
+    The model is scanned rigidly from the first frame's geometry with the same atoms."""
+
+    name: str = ""
+    path: str = ""
+    kind: str = "torsion"
+    indices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PretrainConfig:
+    """`metamlip pretrain`: one strategy on the listed levels; writes OUTPUT_DIR/model.pt."""
+
+    datasets: list[DataSource] = field(default_factory=list)
+    levels: list[str] | None = None
+    strategy: str = "reptile"
+    split_seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    output_dir: str = "runs/pretrain"
+
+
+@dataclass
+class FinetuneConfig:
+    """`metamlip finetune`: a pre-trained checkpoint refitted to one target level."""
+
+    checkpoint: str = ""
+    dataset: DataSource = field(default_factory=DataSource)
+    n_finetune: int = 50
+    n_validation: int | None = None
+    n_test: int | None = None
+    split_seed: int = 0
+    freeze_backbone: bool = False
+    head_source: str | None = None
+    training: TrainingSection = field(default_factory=TrainingSection)
+    output_dir: str = "runs/finetune"
+
+
+@dataclass
+class ExperimentConfig:
+    """`metamlip experiment`: every strategy pre-trained with one budget, fine-tuned for every N and seed,
+    tested on a held-out target test set that no training or validation ever sees."""
+
+    datasets: list[DataSource] = field(default_factory=list)
+    pretrain_levels: list[str] = field(default_factory=list)
+    target_level: str = ""
+    strategies: list[str] = field(default_factory=lambda: ["scratch", "joint", "multihead", "reptile"])
+    n_test: int = 50
+    split_seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    scans: list[ScanSource] = field(default_factory=list)
+    output_dir: str = "runs/experiment"
