@@ -1,0 +1,105 @@
+"""Per-level energy references (metamlip.data.references) on real compositions: recovery of
+known per-element energies, the single-composition fallback, separation of levels inside a
+Potential, and the to_dict/from_dict round trip."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metamlip.data.batching import StructureBatcher
+from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.references import EnergyReference
+from metamlip.model.hipnn import HipnnConfig
+from metamlip.model.potential import Potential, build_potential
+from metamlip.readers import read_level
+
+DATA = Path(__file__).parent / "data"
+# Rough free-atom energies (eV) of H, C, N, O, S, Cl: the magnitudes a DFT level gives.
+TRUE_EV = {1: -13.6, 6: -1029.8, 7: -1485.3, 8: -2042.6, 16: -10830.0, 17: -12516.0}
+NOISE_EV = 1.0e-3
+SMALL_HIPNN = HipnnConfig(n_features=8, n_sensitivities=4, n_interaction_layers=1, n_atom_layers=1, cutoff_angstrom=4.0)
+
+
+@pytest.fixture(scope="module")
+def qm7x() -> LevelDataset:
+    """200 QM7-X structures of 18 compositions of H, C, N, O, S, Cl."""
+    return read_level(DATA / "qm7x_small_200.npz", energy_unit="eV", level="pbe0+mbd")
+
+
+def synthetic_level(dataset: LevelDataset, level: str, per_element_ev: dict[int, float], seed: int) -> LevelDataset:
+    """`dataset`'s structures relabelled E = sum_Z n_Z e_Z + Gaussian noise of NOISE_EV."""
+    counts = dataset.composition_matrix(sorted(per_element_ev))
+    energies = counts @ np.array([per_element_ev[z] for z in sorted(per_element_ev)])
+    energies += np.random.default_rng(seed).normal(scale=NOISE_EV, size=len(dataset))
+    return replace(dataset, level=level, energies_ev=energies)
+
+
+def test_fit_recovers_per_element_energies(qm7x: LevelDataset) -> None:
+    elements = [1, 6, 7, 8, 9, 16, 17]  # F is in the model but never in the data
+    reference = EnergyReference.fit(synthetic_level(qm7x, "pbe0+mbd", TRUE_EV, seed=0), elements)
+    counts = qm7x.composition_matrix(sorted(TRUE_EV))
+    # least-squares standard error of each e_Z for this noise on these real compositions
+    # (0.04 NOISE_EV for H up to 0.46 NOISE_EV for Cl, which only 10 structures contain)
+    standard_error = NOISE_EV * np.sqrt(np.diag(np.linalg.inv(counts.T @ counts)))
+    fitted = dict(zip(reference.elements, reference.energy_per_element_ev))
+    assert fitted[9] == 0.0
+    for column, z in enumerate(sorted(TRUE_EV)):
+        assert abs(fitted[z] - TRUE_EV[z]) < 5.0 * standard_error[column], (z, fitted[z], TRUE_EV[z])
+
+
+def test_fit_is_exact_without_noise(qm7x: LevelDataset) -> None:
+    exact = replace(qm7x, energies_ev=qm7x.composition_matrix(sorted(TRUE_EV)) @ np.array(list(TRUE_EV.values())))
+    reference = EnergyReference.fit(exact, sorted(TRUE_EV))
+    np.testing.assert_allclose(reference.energy_per_element_ev, list(TRUE_EV.values()), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(reference.energies_ev(exact.composition_matrix(sorted(TRUE_EV))), exact.energies_ev, atol=1e-6)
+
+
+def test_single_composition_falls_back_to_mean_energy_per_atom() -> None:
+    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level="pbe+vdw-ts")
+    reference = EnergyReference.fit(ethanol, [1, 6, 7, 8])
+    per_atom = np.mean(ethanol.energies_ev / 9.0)
+    np.testing.assert_allclose(reference.energy_per_element_ev, [per_atom, per_atom, 0.0, per_atom], rtol=1e-14)
+    predicted = reference.energies_ev(ethanol.composition_matrix([1, 6, 7, 8]))
+    np.testing.assert_allclose(predicted.mean(), ethanol.energies_ev.mean(), rtol=1e-14)
+
+
+def test_levels_keep_their_own_references_inside_a_potential(qm7x: LevelDataset) -> None:
+    elements = sorted(TRUE_EV)
+    shifted = {z: e + 0.5 * z for z, e in TRUE_EV.items()}
+    level_a = synthetic_level(qm7x, "pbe0+mbd", TRUE_EV, seed=1)
+    level_b = synthetic_level(qm7x.subset(np.arange(0, 200, 2)), "wB97X/6-31G*", shifted, seed=2)
+    reference_a = EnergyReference.fit(level_a, elements)
+    reference_b = EnergyReference.fit(level_b, elements)
+    model = build_potential(elements, SMALL_HIPNN, seed=0, dtype=torch.float64)
+    model.add_level(reference_a)
+    fitted_a = reference_a.energy_per_element_ev.copy()
+    model.add_level(reference_b)
+    model.add_level(EnergyReference.fit(level_b, elements), head="b_head")  # re-registering b touches only b
+    assert model.levels == ["pbe0+mbd", "wb97x/6-31g(d)"]
+    np.testing.assert_array_equal(model.references["pbe0+mbd"].energy_per_element_ev, fitted_a)
+    np.testing.assert_allclose(model.references["wb97x/6-31g(d)"].energy_per_element_ev, list(shifted.values()), atol=0.01)
+
+    batch = StructureBatcher(level_a, model.species, SMALL_HIPNN.cutoff_angstrom, torch.float64).batch(np.arange(20))
+    counts = level_a.subset(np.arange(20)).composition_matrix(elements)
+    rebuilt = Potential.from_description(json.loads(json.dumps(model.describe()))).double()
+    for potential in (model, rebuilt):
+        own = potential(batch, forces=False)  # the batch's own level, a
+        other = potential(batch, level="WB97X/6-31g(d)", forces=False)
+        np.testing.assert_allclose(own.reference_energy_ev.numpy(), counts @ reference_a.energy_per_element_ev, rtol=1e-12)
+        np.testing.assert_allclose(other.reference_energy_ev.numpy(), counts @ reference_b.energy_per_element_ev, rtol=1e-12)
+
+
+def test_round_trip_through_plain_dict(qm7x: LevelDataset) -> None:
+    reference = EnergyReference.fit(qm7x, [1, 6, 7, 8, 9, 16, 17])
+    state = json.loads(json.dumps(reference.to_dict()))
+    restored = EnergyReference.from_dict(state)
+    assert restored.level == reference.level == "pbe0+mbd"
+    assert restored.elements == reference.elements
+    assert restored.energy_per_element_ev.dtype == np.float64
+    np.testing.assert_array_equal(restored.energy_per_element_ev, reference.energy_per_element_ev)
