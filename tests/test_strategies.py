@@ -55,7 +55,7 @@ def test_reptile_with_one_inner_step_one_task_and_epsilon_one_is_joint_training(
 
     batches = [batch for _, work in plan.epoch_meta_steps(1) for _, task_batches in work for batch in task_batches]
     assert len(batches) == 6 and len({batch.level for batch in batches}) == 2
-    joint_optimizer = torch.optim.Adam(joint_model.parameters(), lr=1e-3)
+    joint_optimizer = torch.optim.Adam(joint_model.parameters(), lr=1e-3, fused=True)
     train_steps(joint_model, joint_optimizer, batches, SETTINGS.loss)
 
     reptile_weights, joint_weights = parameters_to_vector(model.parameters()), parameters_to_vector(joint_model.parameters())
@@ -75,7 +75,7 @@ def test_meta_step_moves_weights_by_epsilon_times_mean_inner_difference(splits):
     adapted = []
     for _, batches in work:
         inner_model = copy.deepcopy(model)
-        inner_optimizer = torch.optim.Adam(inner_model.parameters(), lr=3e-3)
+        inner_optimizer = torch.optim.Adam(inner_model.parameters(), lr=3e-3, fused=True)
         train_steps(inner_model, inner_optimizer, batches, SETTINGS.loss)
         adapted.append(parameters_to_vector(inner_model.parameters()).detach())
     epsilon = 0.3

@@ -66,7 +66,7 @@ class ReptileEpochs:
     def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
         if self.reptile.inner_optimizer == "sgd":
             return torch.optim.SGD(parameters, lr=self.reptile.inner_learning_rate)
-        return torch.optim.Adam(parameters, lr=self.reptile.inner_learning_rate)
+        return torch.optim.Adam(parameters, lr=self.reptile.inner_learning_rate, fused=True)
 
     def total_meta_steps(self) -> int:
         return self.settings.max_epochs * self.meta_steps_per_epoch

@@ -141,7 +141,7 @@ class MixedBatchEpochs:
     task_sampling: str = "size"
 
     def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
-        return torch.optim.Adam(parameters, lr=settings.learning_rate)
+        return torch.optim.Adam(parameters, lr=settings.learning_rate, fused=True)
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         generator = np.random.default_rng([self.settings.seed, epoch])
