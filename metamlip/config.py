@@ -80,6 +80,7 @@ class TrainingSection:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    checkpoint_interval_seconds: float = 10.0
 
 
 @dataclass

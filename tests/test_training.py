@@ -22,7 +22,10 @@ SMALL_CONFIG = {
     "datasets": [{"path": None, "energy_unit": "kcal/mol", "level": "pbe+vdw-ts"}],
     "split": {"seed": 0, "train": 120, "validation": 40, "test": 40},
     "model": {"n_features": 16, "n_sensitivities": 8, "n_interaction_layers": 1, "n_atom_layers": 1, "seed": 3},
-    "training": {"batch_size": 16, "max_epochs": 6, "progress": False, "threads": 1, "learning_rate": 0.003},
+    "training": {
+        "batch_size": 16, "max_epochs": 6, "progress": False, "threads": 1, "learning_rate": 0.003,
+        "checkpoint_interval_seconds": 0,
+    },
 }
 
 

@@ -38,7 +38,9 @@ LOG_NAME = "log.jsonl"
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Optimisation settings (see the README for each key); `restore_best` False keeps the last weights."""
+    """Optimisation settings (see the README for each key). `restore_best` False keeps the last
+    weights; the resumable checkpoint is written after an epoch when `checkpoint_interval_seconds`
+    have passed since the last one, and always after the last epoch."""
 
     batch_size: int = 32
     learning_rate: float = 1.0e-3
@@ -52,6 +54,7 @@ class TrainingSettings:
     seed: int = 0
     progress: bool = True
     restore_best: bool = True
+    checkpoint_interval_seconds: float = 10.0
 
 
 @dataclass
@@ -207,6 +210,7 @@ def fit(
     (run_dir / LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in state.history), encoding="utf-8")
 
     started = time.perf_counter() - state.wall_seconds
+    last_checkpoint = time.perf_counter()
     stop_reason = "max_epochs"
     epochs = range(state.epoch + 1, settings.max_epochs + 1)
     bar = tqdm(epochs, desc="training", unit="epoch", disable=not settings.progress, dynamic_ncols=True)
@@ -227,7 +231,10 @@ def fit(
         _append_jsonl(run_dir / LOG_NAME, record)
         bar.set_postfix(_postfix(record), refresh=False)
         stop_reason = _stop_reason(state, settings, optimizer)
-        save_checkpoint(run_dir / CHECKPOINT_NAME, model, state.to_dict(optimizer, scheduler))
+        last_epoch = bool(stop_reason) or epoch == settings.max_epochs
+        if last_epoch or time.perf_counter() - last_checkpoint >= settings.checkpoint_interval_seconds:
+            save_checkpoint(run_dir / CHECKPOINT_NAME, model, state.to_dict(optimizer, scheduler))
+            last_checkpoint = time.perf_counter()
         if stop_reason:
             break
     bar.close()

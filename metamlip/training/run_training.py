@@ -87,6 +87,7 @@ def training_settings(section: TrainingSection) -> TrainingSettings:
         min_learning_rate=section.min_learning_rate,
         seed=section.seed,
         progress=section.progress,
+        checkpoint_interval_seconds=section.checkpoint_interval_seconds,
     )
 
 
