@@ -118,4 +118,6 @@ class ExperimentConfig:
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     scans: list[ScanSource] = field(default_factory=list)
+    threads: int | None = None
+    workers: int = 1
     output_dir: str = "runs/experiment"

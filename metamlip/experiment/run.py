@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import time
-from dataclasses import asdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from metamlip.evaluation.metrics import evaluate
 from metamlip.experiment.config import ExperimentConfig
 from metamlip.experiment.records import FinetuneRecord, summarise
 from metamlip.experiment.report import write_report
-from metamlip.experiment.scans import load_scan_references, scan_model
+from metamlip.experiment.scans import ScanReference, load_scan_references, scan_model
 from metamlip.finetune import FinetuneOptions, finetune
 from metamlip.levels import normalise_level
 from metamlip.model.potential import Potential
@@ -105,48 +108,83 @@ def pretrained_model(
     return model
 
 
-def run_experiment(config: ExperimentConfig) -> dict:
-    """Run the whole comparison; writes results.json, report.md and plots; returns the results."""
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class ExperimentData:
+    """Everything the strategies share: the held-out test set, the fine-tuning pool, the
+    pre-training splits, the elements and the reference scans."""
+
+    target_level: str
+    test: LevelDataset
+    pool: LevelDataset
+    pretrain_splits: dict[str, LevelSplit]
+    elements: list[int]
+    scan_references: list[ScanReference]
+
+
+def prepare_experiment(config: ExperimentConfig) -> ExperimentData:
+    """Read and split all data; every error in the config or the data surfaces here, before training."""
     levels = read_experiment_levels(config)
     target_level = normalise_level(config.target_level)
     scan_references = load_scan_references(config.scans)
     test, pool = hold_out_target(levels[target_level], config.n_test, config.split_seed)
-    validation = SplitConfig(seed=config.split_seed, train=1 - config.pretrain.validation_fraction, validation=config.pretrain.validation_fraction, test=0)
+    fraction = config.pretrain.validation_fraction
+    validation = SplitConfig(seed=config.split_seed, train=1 - fraction, validation=fraction, test=0)
     pretrain_splits = {level: split_dataset(levels[level], validation) for level in levels if level != target_level}
-    elements = sorted({z for dataset in levels.values() for z in dataset.elements})
     for n_finetune in config.finetune.n_finetune:
         finetune_subsets(pool, n_finetune, config.finetune.n_validation(n_finetune), 0)
+    elements = sorted({z for dataset in levels.values() for z in dataset.elements})
+    return ExperimentData(target_level, test, pool, pretrain_splits, elements, scan_references)
 
-    records: list[FinetuneRecord] = []
+
+def run_strategy(config: ExperimentConfig, data: ExperimentData, name: str) -> list[FinetuneRecord]:
+    """Pre-train one strategy (or reuse its cache), fine-tune it for every N and seed, test each model."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out_dir = Path(config.output_dir)
+    strategy = get_strategy(name)
+    base = pretrained_model(config, strategy, data.pretrain_splits, data.elements, out_dir)
     settings = training_settings(config.finetune.training)
     options = FinetuneOptions(config.finetune.freeze_backbone, config.finetune.head_source)
-    for name in config.strategies:
-        strategy = get_strategy(name)
-        base = pretrained_model(config, strategy, pretrain_splits, elements, out_dir)
-        for n_finetune in config.finetune.n_finetune:
-            for seed in range(config.finetune.seeds):
-                train, val = finetune_subsets(pool, n_finetune, config.finetune.n_validation(n_finetune), seed)
-                run_dir = out_dir / "runs" / f"finetune-{name}-n{n_finetune}-seed{seed}"
-                torch.manual_seed(seed)
-                model, fit_result = finetune(base, strategy, train, val, settings, run_dir, options)
-                batcher = StructureBatcher(test, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype)
-                metrics = evaluate(model, batcher)
-                scans = {reference.name: scan_model(model, reference, target_level) for reference in scan_references}
-                records.append(FinetuneRecord(name, n_finetune, seed, metrics, scans, fit_result.epochs_run, fit_result.wall_seconds))
-                log.info("%s N=%d seed=%d: test energy MAE %.4f eV", name, n_finetune, seed, metrics.energy_mae_ev)
+    records = []
+    for n_finetune in config.finetune.n_finetune:
+        for seed in range(config.finetune.seeds):
+            train, validation = finetune_subsets(data.pool, n_finetune, config.finetune.n_validation(n_finetune), seed)
+            run_dir = out_dir / "runs" / f"finetune-{name}-n{n_finetune}-seed{seed}"
+            model, fit_result = finetune(base, strategy, train, validation, settings, run_dir, options)
+            dtype = next(model.parameters()).dtype
+            metrics = evaluate(model, StructureBatcher(data.test, model.species, model.config.cutoff_angstrom, dtype))
+            scans = {reference.name: scan_model(model, reference, data.target_level) for reference in data.scan_references}
+            records.append(FinetuneRecord(name, n_finetune, seed, metrics, scans, fit_result.epochs_run, fit_result.wall_seconds))
+            log.info("%s N=%d seed=%d: test energy MAE %.4f eV", name, n_finetune, seed, metrics.energy_mae_ev)
+    return records
 
+
+def run_experiment(config: ExperimentConfig) -> dict:
+    """Run the whole comparison; writes results.json, report.md and plots; returns the results.
+
+    With `workers` > 1 the strategies run in parallel processes; every run is seeded, so the
+    results do not depend on the number of workers."""
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    data = prepare_experiment(config)
+    if config.workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_quiet_worker) as pool:
+            per_strategy = list(pool.map(run_strategy, repeat(config), repeat(data), config.strategies))
+    else:
+        per_strategy = [run_strategy(config, data, name) for name in config.strategies]
+    records = [record for strategy_records in per_strategy for record in strategy_records]
     results = {
         "metamlip_version": __version__,
-        "target_level": target_level,
-        "pretrain_levels": [level for level in levels if level != target_level],
-        "n_test": len(test),
+        "target_level": data.target_level,
+        "pretrain_levels": list(data.pretrain_splits),
+        "n_test": len(data.test),
         "records": summarise(records),
         "runs": [record.to_dict() for record in records],
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    write_report(config, results, records, scan_references)
+    (Path(config.output_dir) / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_report(config, results, records, data.scan_references)
     return results
 
 
+def _quiet_worker() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")

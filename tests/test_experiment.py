@@ -1,0 +1,111 @@
+"""`metamlip experiment` end to end on real data, small: outputs, reproducibility, cache, early errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metamlip.cli.main import main
+from metamlip.config import load_config
+from metamlip.errors import InputError
+from metamlip.experiment.config import ExperimentConfig
+from metamlip.experiment.run import run_experiment
+
+
+def experiment_config(tmp_path: Path, data_dir: Path, name: str = "out", **changes) -> Path:
+    config = {
+        "datasets": [
+            {"path": str(data_dir / "qm7x_226_raw.npz")},
+            {"path": str(data_dir / "comp6_s66x8_wb97x_631gd_4mol.h5")},
+            {"path": str(data_dir / "md17_ethanol_dft.npz"), "energy_unit": "kcal/mol", "level": "pbe+vdw-ts"},
+        ],
+        "pretrain_levels": ["pbe0+mbd", "wB97X/6-31G*"],
+        "target_level": "pbe+vdw-ts",
+        "n_test": 20,
+        "model": {"n_features": 8, "n_sensitivities": 4, "n_interaction_layers": 1, "n_atom_layers": 1, "cutoff_angstrom": 5.0},
+        "pretrain": {
+            "gradient_steps": 8, "steps_per_epoch": 4,
+            "training": {"batch_size": 4, "progress": False},
+            "reptile": {"inner_steps": 2, "tasks_per_meta_step": 2},
+        },
+        "finetune": {"n_finetune": [4, 8], "seeds": 2, "training": {"batch_size": 4, "max_epochs": 3, "progress": False}},
+        "threads": 1,
+        "output_dir": str(tmp_path / name),
+    }
+    config.update(changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir) -> tuple[Path, dict]:
+    tmp_path = tmp_path_factory.mktemp("experiment")
+    path = experiment_config(tmp_path, data_dir)
+    return path, run_experiment(load_config(path, ExperimentConfig))
+
+
+def test_results_json_has_the_documented_fields(finished):
+    path, results = finished
+    out = Path(load_config(path, ExperimentConfig).output_dir)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["target_level"] == "pbe+vdw-ts"
+    assert on_disk["pretrain_levels"] == ["pbe0+mbd", "wb97x/6-31g(d)"]
+    assert isinstance(on_disk["metamlip_version"], str)
+    records = on_disk["records"]
+    assert {(r["strategy"], r["n_finetune"]) for r in records} == {
+        (s, n) for s in ("scratch", "joint", "multihead", "reptile") for n in (4, 8)
+    }
+    for record in records:
+        assert record["seeds"] == 2
+        for key in ("energy_mae_ev", "energy_mae_per_atom_ev", "force_mae_ev_per_angstrom"):
+            assert set(record[key]) == {"mean", "std"} and record[key]["mean"] > 0
+    for name in ("learning_curve.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    assert "learning_curve.png" in (out / "report.md").read_text()
+
+
+def test_same_seeds_give_the_same_results_and_the_cache_is_reused(finished, tmp_path, data_dir):
+    path, results = finished
+    config = load_config(path, ExperimentConfig)
+    cached = sorted((Path(config.output_dir) / "pretrained").glob("*.pt"))
+    assert [p.name.split("-")[0] for p in cached] == ["joint", "multihead", "reptile", "scratch"]
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    config.finetune.n_finetune = [4, 8, 12]
+    again = run_experiment(config)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # adding an N does not retrain
+    first = {(r["strategy"], r["n_finetune"]): r for r in results["records"]}
+    for record in again["records"]:
+        key = (record["strategy"], record["n_finetune"])
+        if key in first:
+            assert record["energy_mae_ev"] == first[key]["energy_mae_ev"]
+
+
+def test_parallel_workers_give_the_same_results(finished, tmp_path, data_dir):
+    _, results = finished
+    config = load_config(experiment_config(tmp_path, data_dir, "parallel", workers=2, strategies=["scratch", "reptile"]), ExperimentConfig)
+    parallel = run_experiment(config)
+    first = {(r["strategy"], r["n_finetune"]): r["energy_mae_ev"] for r in results["records"]}
+    for record in parallel["records"]:
+        assert record["energy_mae_ev"] == pytest.approx(first[(record["strategy"], record["n_finetune"])], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"strategies": ["scratch", "maml"]}, "unknown strategy 'maml'"),
+        ({"target_level": "ccsd(t)/cbs"}, "ccsd(t)/cbs"),
+        ({"pretrain_levels": ["pbe0+mbd", "b3lyp/6-31g*"]}, "b3lyp/6-31g(d)"),
+        ({"datasets": [{"path": "missing.h5"}]}, "missing.h5"),
+        ({"finetune": {"n_finetune": [5000]}}, "n_finetune 5000"),
+    ],
+)
+def test_bad_experiment_configs_fail_before_training(tmp_path, data_dir, capsys, changes, fragment):
+    path = experiment_config(tmp_path, data_dir, **changes)
+    assert main(["experiment", str(path)]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "out" / "pretrained").exists()
