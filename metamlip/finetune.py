@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+from metamlip import distributed
 from metamlip.config import SplitConfig
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
@@ -85,7 +86,9 @@ def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
     run_dir = Path(config.output_dir)
     options = FinetuneOptions(config.freeze_backbone, config.head_source)
     model, _ = finetune(pretrained, strategy, parts.train, parts.validation, training_settings(config.training), run_dir, options)
-    save_checkpoint(run_dir / "model.pt", model, extra={"strategy": strategy.name, "finetuned_level": target.level})
+    if distributed.is_main_process():
+        save_checkpoint(run_dir / "model.pt", model, extra={"strategy": strategy.name, "finetuned_level": target.level})
+    distributed.barrier()
     metrics = None
     if len(parts.test):
         metrics = evaluate(model, StructureBatcher(parts.test, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype))

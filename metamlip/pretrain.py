@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from metamlip import distributed
 from metamlip.config import ModelSection, SplitConfig
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
@@ -85,5 +86,7 @@ def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
     run_dir = Path(config.output_dir)
     model, _ = pretrain(strategy, splits, elements, config.model, settings, config.pretrain.budget(), run_dir, resume)
     path = run_dir / "model.pt"
-    save_checkpoint(path, model, extra={"strategy": strategy.name})
+    if distributed.is_main_process():
+        save_checkpoint(path, model, extra={"strategy": strategy.name})
+    distributed.barrier()
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from metamlip import distributed
 from metamlip.config import load_config
 from metamlip.evaluation.table import format_metrics_table
 from metamlip.experiment.config import FinetuneConfig
@@ -20,6 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, FinetuneConfig, args.overrides)
     path, metrics = run_finetuning(config)
+    if not distributed.is_main_process():
+        return 0
     print(f"fine-tuned model: {path}")
     if metrics is not None:
         print(format_metrics_table({"test": metrics}, title="held-out target structures"))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from metamlip import __version__
+from metamlip import __version__, distributed
 from metamlip.errors import InputError
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "label", "scan", "pretrain", "finetune", "experiment", "demo")
+DISTRIBUTED_COMMANDS: tuple[str, ...] = ("pretrain", "finetune")  # the ones that run under torchrun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `metamlip` command; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and args.command not in DISTRIBUTED_COMMANDS:
+        print(f"metamlip {args.command}: error: only {' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun", file=sys.stderr)
+        return 2
+    if several:
+        distributed.init_from_environment()
+    quiet = not distributed.is_main_process()
+    logging.basicConfig(level=logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.run(args) or 0)
     except InputError as error:
@@ -50,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"metamlip {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ class Batch:
         neighbour_mask: (n_atoms, max_neighbours) bool, False on padded slots.
         energies_ev: (n_structures,) float64 labelled total energies.
         forces_ev_per_angstrom: (n_atoms, 3) model dtype labelled forces, or None (energy-only level).
+        shard_of: (structures, atoms) of the global batch when this batch is one process's shard
+            of it in data-parallel training (see `metamlip.distributed`); None otherwise.
     """
 
     level: str
@@ -42,6 +44,7 @@ class Batch:
     neighbour_mask: torch.Tensor
     energies_ev: torch.Tensor
     forces_ev_per_angstrom: torch.Tensor | None
+    shard_of: tuple[int, int] | None = None
 
     @property
     def n_structures(self) -> int:
@@ -86,6 +89,11 @@ class StructureBatcher:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def n_atoms(self) -> np.ndarray:
+        """(n_structures,) int64 atoms per structure."""
+        return self.dataset.n_atoms
+
     def _cartesian_shifts(self) -> np.ndarray:
         shifts = self.pairs.pair_cell_shift.astype(np.float64)
         if self.dataset.cells_angstrom is None or not shifts.any():
@@ -101,32 +109,66 @@ class StructureBatcher:
         atom_index = _ranges(data.atom_offsets[indices], n_atoms)
         n_pairs = self.pairs.n_pairs[indices]
         pair_index = _ranges(self.pairs.pair_offsets[indices], n_pairs)
-        first_atom_in_batch = np.repeat(np.cumsum(n_atoms) - n_atoms, n_pairs)
-        neighbours = _neighbour_matrix(
-            self.pairs.pair_first[pair_index] + first_atom_in_batch,
-            self.pairs.pair_second[pair_index] + first_atom_in_batch,
-            self._pair_shift_angstrom[pair_index],
-            len(atom_index),
-        )
         forces = data.forces_ev_per_angstrom
-        return Batch(
+        return assemble_batch(
             level=data.level,
-            species_index=torch.from_numpy(self._species_index[atom_index]),
-            positions_angstrom=torch.from_numpy(data.positions_angstrom[atom_index]).to(self.dtype),
-            structure_index=torch.from_numpy(np.repeat(np.arange(len(indices)), n_atoms)),
-            n_atoms=torch.from_numpy(n_atoms),
-            neighbour_index=torch.from_numpy(neighbours[0]),
-            neighbour_shift_angstrom=torch.from_numpy(neighbours[1]).to(self.dtype),
-            neighbour_mask=torch.from_numpy(neighbours[2]),
-            energies_ev=torch.from_numpy(data.energies_ev[indices]),
-            forces_ev_per_angstrom=None if forces is None else torch.from_numpy(forces[atom_index]).to(self.dtype),
+            species_index=self._species_index[atom_index],
+            positions_angstrom=data.positions_angstrom[atom_index],
+            n_atoms=n_atoms,
+            pairs=(self.pairs.pair_first[pair_index], self.pairs.pair_second[pair_index], self._pair_shift_angstrom[pair_index]),
+            n_pairs=n_pairs,
+            energies_ev=data.energies_ev[indices],
+            forces_ev_per_angstrom=None if forces is None else forces[atom_index],
+            dtype=self.dtype,
         )
 
     def batches(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[Batch]:
         """One pass over the dataset; shuffled with `seed` (a fixed order when None)."""
-        order = np.arange(len(self)) if seed is None else np.random.default_rng(seed).permutation(len(self))
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start : start + batch_size])
+        for indices in self.batch_orders(batch_size, seed):
+            yield self.batch(indices)
+
+    def batch_orders(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
+        """The structure indices of each batch of `batches`, without building the batches."""
+        return batch_orders(len(self), batch_size, seed)
+
+
+def batch_orders(n_structures: int, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
+    """Indices of consecutive batches of one pass over `n_structures`; shuffled with `seed` (fixed order when None)."""
+    order = np.arange(n_structures) if seed is None else np.random.default_rng(seed).permutation(n_structures)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def assemble_batch(
+    level: str,
+    species_index: np.ndarray,
+    positions_angstrom: np.ndarray,
+    n_atoms: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    n_pairs: np.ndarray,
+    energies_ev: np.ndarray,
+    forces_ev_per_angstrom: np.ndarray | None,
+    dtype: torch.dtype,
+) -> Batch:
+    """A `Batch` from per-atom arrays of several structures (end to end) and their pairs.
+
+    `pairs` are (first, second, Cartesian shift in Angstrom) with atom indices *within* each
+    structure, structure after structure, sorted by first atom; `n_pairs` counts them per structure.
+    """
+    first_atom_in_batch = np.repeat(np.cumsum(n_atoms) - n_atoms, n_pairs)
+    neighbours = _neighbour_matrix(pairs[0] + first_atom_in_batch, pairs[1] + first_atom_in_batch, pairs[2], len(species_index))
+    return Batch(
+        level=level,
+        species_index=torch.from_numpy(species_index),
+        positions_angstrom=torch.from_numpy(positions_angstrom).to(dtype),
+        structure_index=torch.from_numpy(np.repeat(np.arange(len(n_atoms)), n_atoms)),
+        n_atoms=torch.from_numpy(n_atoms),
+        neighbour_index=torch.from_numpy(neighbours[0]),
+        neighbour_shift_angstrom=torch.from_numpy(neighbours[1]).to(dtype),
+        neighbour_mask=torch.from_numpy(neighbours[2]),
+        energies_ev=torch.from_numpy(energies_ev),
+        forces_ev_per_angstrom=None if forces_ev_per_angstrom is None else torch.from_numpy(forces_ev_per_angstrom).to(dtype),
+    )
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -6,6 +6,11 @@ then theta <- theta + epsilon * mean_i(theta'_i - theta). Epsilon anneals linear
 `epsilon_start` to `epsilon_end` over the planned meta-steps. The inner optimiser's
 state is carried from meta-step to meta-step (averaged over the m tasks), so with
 k = 1, m = 1 and epsilon = 1 Reptile is exactly joint training on the same batches.
+
+Under torchrun the meta-step is task parallel: every process draws the same m tasks (same
+seed); process r adapts tasks r, r + W, ... (W processes, m >= W), and one all-reduce per
+meta-step sums the (theta'_i - theta), the inner optimiser states and the losses, which
+are then divided by m: the same arithmetic as the serial meta-step.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector
 
+from metamlip import distributed
 from metamlip.data.batching import Batch
 from metamlip.errors import InputError
 from metamlip.model.potential import Potential
@@ -111,15 +117,59 @@ def meta_step_update(
     theta = parameters_to_vector(parameters).detach().clone()
     start_state = copy.deepcopy(optimizer.state_dict())
     adapted, end_states, losses = [], [], []
+    processes = distributed.world_size()
+    if processes > 1:
+        if len(work) < processes:
+            raise InputError(f"reptile.tasks_per_meta_step ({len(work)}) must be at least the number of processes ({processes})")
+        work = work[distributed.rank() :: processes]
     for _, batches in work:
         copy_into_parameters(theta, parameters)
-        optimizer.load_state_dict(start_state)
+        optimizer.load_state_dict(copy.deepcopy(start_state))  # load_state_dict aliases the tensors it is given
         losses.append(train_steps(model, optimizer, batches, settings.loss))
         adapted.append(parameters_to_vector(parameters).detach().clone())
         end_states.append(copy.deepcopy(optimizer.state_dict()))
+    if processes > 1:
+        return _all_reduce_meta_step(theta, adapted, end_states, losses, parameters, optimizer, epsilon)
     copy_into_parameters(reptile_update(theta, adapted, epsilon), parameters)
     optimizer.load_state_dict(average_optimizer_states(end_states))
     return {name: float(np.mean([loss[name] for loss in losses if name in loss])) for name in losses[0]}
+
+
+def _all_reduce_meta_step(
+    theta: torch.Tensor,
+    adapted: list[torch.Tensor],
+    end_states: list[dict],
+    losses: list[dict[str, float]],
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    epsilon: float,
+) -> dict[str, float]:
+    """Finish a task-parallel meta-step: sum this process's parts with the others' in one all-reduce."""
+    summed_state = copy.deepcopy(end_states[0])
+    state_keys = [
+        (key, name)
+        for key, parameter_state in sorted(summed_state["state"].items())
+        for name, value in sorted(parameter_state.items())
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    ]
+    state_sums = [sum(state["state"][key][name] for state in end_states) for key, name in state_keys]
+    names = ["loss", "energy_mse_per_atom_ev2", "force_mse_ev2_per_angstrom2"]
+    loss_sums = [value for name in names for value in (sum(loss.get(name, 0.0) for loss in losses), sum(name in loss for loss in losses))]
+    parts = [
+        torch.stack([weights - theta for weights in adapted]).sum(dim=0),
+        *(value.reshape(-1).to(theta.dtype) for value in state_sums),
+        torch.tensor([float(len(adapted)), *loss_sums], dtype=theta.dtype),
+    ]
+    flat = distributed.sum_across_processes(torch.cat(parts))
+    n_tasks = float(flat[-1 - len(loss_sums)])
+    copy_into_parameters(theta + epsilon * (flat[: theta.numel()] / n_tasks), parameters)
+    offset = theta.numel()
+    for (key, name), value in zip(state_keys, state_sums):
+        summed_state["state"][key][name] = (flat[offset : offset + value.numel()].view_as(value) / n_tasks).to(value.dtype)
+        offset += value.numel()
+    optimizer.load_state_dict(summed_state)
+    totals = flat[-len(loss_sums) :].tolist()
+    return {name: totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names) if totals[2 * i + 1] > 0}
 
 
 def copy_into_parameters(vector: torch.Tensor, parameters: list[torch.nn.Parameter]) -> None:

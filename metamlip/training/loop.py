@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metamlip import distributed
 from metamlip.data.batching import Batch, StructureBatcher
 from metamlip.errors import InputError
 from metamlip.model.potential import Potential
@@ -80,16 +81,29 @@ class FitResult:
 
 
 def train_steps(
-    model: Potential, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], weights: LossWeights
+    model: Potential,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    weights: LossWeights,
+    data_parallel: bool = False,
 ) -> dict[str, float]:
-    """One optimiser step per batch; returns the mean loss parts over the steps."""
+    """One optimiser step per batch; returns the mean loss parts over the steps.
+
+    With `data_parallel` each batch is this process's shard of a global batch, and the
+    gradients (and the returned loss parts) are those of the global batch
+    (`metamlip.distributed.data_parallel_backward`).
+    """
     model.train()
     totals = {"loss": 0.0, "energy_mse_per_atom_ev2": 0.0, "force_mse_ev2_per_angstrom2": 0.0}
     steps = force_steps = 0
     for batch in batches:
-        loss = batch_loss(model, batch, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
+        if data_parallel:
+            optimizer.zero_grad(set_to_none=True)
+            loss = distributed.data_parallel_backward(model, batch, weights)
+        else:
+            loss = batch_loss(model, batch, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.total.backward()
         optimizer.step()
         totals["loss"] += float(loss.total.detach())
         totals["energy_mse_per_atom_ev2"] += loss.energy_mse_per_atom_ev2
@@ -136,6 +150,8 @@ class MixedBatchEpochs:
     tasks interleaved at random; otherwise an epoch is `steps_per_epoch` batches, each from a
     task drawn by `task_sampling` ('size': in proportion to training-set size, or 'uniform').
     The batch order depends only on (seed, epoch), so a resumed run sees the same batches.
+    Under torchrun each process trains on its shard of every batch (data parallel, see
+    `metamlip.distributed`); the global batches are the single-process ones.
     """
 
     tasks: list[Task]
@@ -149,7 +165,10 @@ class MixedBatchEpochs:
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         generator = np.random.default_rng([self.settings.seed, epoch])
         batch_size = self.settings.batch_size
-        streams = [endless_batches(task.train, batch_size, (self.settings.seed, epoch, index)) for index, task in enumerate(self.tasks)]
+        streams = [
+            endless_batches(distributed.sharded(task.train), batch_size, (self.settings.seed, epoch, index))
+            for index, task in enumerate(self.tasks)
+        ]
         if self.steps_per_epoch is None:
             counts = [math.ceil(len(task.train) / batch_size) for task in self.tasks]
             order = generator.permutation(np.repeat(np.arange(len(self.tasks)), counts))
@@ -160,18 +179,26 @@ class MixedBatchEpochs:
             yield next(streams[task_index])
 
     def run_epoch(self, model: Potential, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
-        return train_steps(model, optimizer, self.epoch_batches(epoch), self.settings.loss)
+        return train_steps(model, optimizer, self.epoch_batches(epoch), self.settings.loss, distributed.world_size() > 1)
 
 
 def validation_loss(model: Potential, tasks: list[Task], weights: LossWeights, batch_size: int = 64) -> dict[str, float]:
-    """Structure-weighted mean loss over the validation sets of all tasks."""
+    """Structure-weighted mean loss over the validation sets of all tasks.
+
+    Under torchrun the processes share out the batches and sum their totals.
+    """
     model.eval()
     total = energy = force = 0.0
     structures = force_structures = 0
+    share = 0
     for task in tasks:
         if task.validation is None:
             continue
-        for batch in task.validation.batches(batch_size):
+        for indices in task.validation.batch_orders(batch_size):
+            share += 1
+            if (share - 1) % distributed.world_size() != distributed.rank():
+                continue
+            batch = task.validation.batch(indices)
             loss = batch_loss(model, batch, weights, create_graph=False)
             total += float(loss.total.detach()) * batch.n_structures
             energy += loss.energy_mse_per_atom_ev2 * batch.n_structures
@@ -179,6 +206,9 @@ def validation_loss(model: Potential, tasks: list[Task], weights: LossWeights, b
                 force += loss.force_mse_ev2_per_angstrom2 * batch.n_structures
                 force_structures += batch.n_structures
             structures += batch.n_structures
+    if distributed.world_size() > 1:
+        sums = torch.tensor([total, energy, force, structures, force_structures], dtype=torch.float64)
+        total, energy, force, structures, force_structures = distributed.sum_across_processes(sums).tolist()
     if structures == 0:
         return {}
     result = {"val_loss": total / structures, "val_energy_rmse_per_atom_ev": math.sqrt(energy / structures)}
@@ -196,7 +226,13 @@ def fit(
     resume: bool = False,
     parameters: Iterable[torch.nn.Parameter] | None = None,
 ) -> FitResult:
-    """Train `model` epoch by epoch with `plan`; checkpoint to `run_dir` and restore the best weights."""
+    """Train `model` epoch by epoch with `plan`; checkpoint to `run_dir` and restore the best weights.
+
+    Under torchrun every process runs this loop in lockstep; only rank 0 writes the log and
+    checkpoints, and every rank reads the checkpoint on `resume` (`run_dir` must be shared).
+    """
+    main = distributed.is_main_process()
+    distributed.copy_from_main_process(model)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trained = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
@@ -207,13 +243,14 @@ def fit(
     state = _TrainingState(best_state=copy.deepcopy(model.state_dict()))
     if resume:
         state = _resume(run_dir / CHECKPOINT_NAME, model, optimizer, scheduler)
-    (run_dir / LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in state.history), encoding="utf-8")
+    if main:
+        (run_dir / LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in state.history), encoding="utf-8")
 
     started = time.perf_counter() - state.wall_seconds
     last_checkpoint = time.perf_counter()
     stop_reason = "max_epochs"
     epochs = range(state.epoch + 1, settings.max_epochs + 1)
-    bar = tqdm(epochs, desc="training", unit="epoch", disable=not settings.progress, dynamic_ncols=True)
+    bar = tqdm(epochs, desc="training", unit="epoch", disable=not (settings.progress and main), dynamic_ncols=True)
     for epoch in bar:
         train_metrics = plan.run_epoch(model, optimizer, epoch)
         val_metrics = validation_loss(model, validation_tasks, settings.loss, settings.batch_size * 2)
@@ -223,16 +260,17 @@ def fit(
             state.best_loss, state.best_epoch = monitored, epoch
             state.best_state = copy.deepcopy(model.state_dict())
         state.epoch = epoch
-        state.wall_seconds = time.perf_counter() - started
+        state.wall_seconds = distributed.value_of_main_process(time.perf_counter() - started)
         record = {"epoch": epoch, "wall_seconds": round(state.wall_seconds, 3), "learning_rate": optimizer.param_groups[0]["lr"]}
         record.update({f"train_{name}" if name != "loss" else "train_loss": value for name, value in train_metrics.items()})
         record.update(val_metrics)
         state.history.append(record)
-        _append_jsonl(run_dir / LOG_NAME, record)
+        if main:
+            _append_jsonl(run_dir / LOG_NAME, record)
         bar.set_postfix(_postfix(record), refresh=False)
         stop_reason = _stop_reason(state, settings, optimizer)
         last_epoch = bool(stop_reason) or epoch == settings.max_epochs
-        if last_epoch or time.perf_counter() - last_checkpoint >= settings.checkpoint_interval_seconds:
+        if main and (last_epoch or time.perf_counter() - last_checkpoint >= settings.checkpoint_interval_seconds):
             save_checkpoint(run_dir / CHECKPOINT_NAME, model, state.to_dict(optimizer, scheduler))
             last_checkpoint = time.perf_counter()
         if stop_reason:
@@ -241,7 +279,9 @@ def fit(
     stop_reason = stop_reason or "max_epochs"
     if settings.restore_best:
         model.load_state_dict(state.best_state)
-    save_checkpoint(run_dir / MODEL_NAME, model, extra={"best_epoch": state.best_epoch, "stop_reason": stop_reason})
+    if main:
+        save_checkpoint(run_dir / MODEL_NAME, model, extra={"best_epoch": state.best_epoch, "stop_reason": stop_reason})
+    distributed.barrier()
     log.info(
         "stopped after epoch %d (%s); best epoch %d, validation loss %.4g",
         state.epoch, stop_reason, state.best_epoch, state.best_loss,

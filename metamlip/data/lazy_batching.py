@@ -1,0 +1,73 @@
+"""Batches read from a packed level on disk, with neighbour pairs computed per batch.
+
+`PackedBatcher` is the out-of-core sibling of `StructureBatcher`: the same `batch`,
+`batches`, `batch_orders`, `n_atoms` and `__len__`, the same `Batch`es (built by
+`assemble_batch`), but nothing per atom is held in memory between batches: each batch
+reads its structures from the memory-mapped files and calls vesin (`structure_pairs`)
+for each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from metamlip.data.batching import Batch, _ranges, assemble_batch, batch_orders, species_indices
+from metamlip.data.neighbours import structure_pairs
+from metamlip.data.packed import PackedLevel
+
+
+class PackedBatcher:
+    """Cuts batches from a `PackedLevel`; neighbour pairs within `cutoff_angstrom`, computed per batch."""
+
+    def __init__(self, dataset: PackedLevel, species: list[int], cutoff_angstrom: float, dtype: torch.dtype = torch.float32) -> None:
+        self.dataset = dataset
+        self.species = list(species)
+        self.cutoff_angstrom = float(cutoff_angstrom)
+        self.dtype = dtype
+        self._n_atoms = dataset.n_atoms
+        species_indices(np.asarray(dataset.elements, dtype=np.int64), self.species, dataset.source or dataset.level)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        """(n_structures,) int64 atoms per structure."""
+        return self._n_atoms
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """The structures at `indices` as one batch (read from disk, pairs computed now)."""
+        data = self.dataset
+        indices = np.asarray(indices, dtype=np.int64)
+        n_atoms = self._n_atoms[indices]
+        atom_index = _ranges(data.atom_starts(indices), n_atoms)
+        numbers = data.atoms("atomic_numbers", atom_index).astype(np.int64)
+        positions = data.atoms("positions_angstrom", atom_index)
+        starts = np.cumsum(n_atoms) - n_atoms
+        pairs = [structure_pairs(positions[start : start + count], self.cutoff_angstrom) for start, count in zip(starts, n_atoms)]
+        n_pairs = np.array([len(first) for first, _, _ in pairs], dtype=np.int64)
+        first = np.concatenate([pair[0] for pair in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+        second = np.concatenate([pair[1] for pair in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+        return assemble_batch(
+            level=data.level,
+            species_index=species_indices(numbers, self.species, data.source or data.level),
+            positions_angstrom=positions,
+            n_atoms=n_atoms,
+            pairs=(first, second, np.zeros((len(first), 3))),  # molecules: no periodic shifts
+            n_pairs=n_pairs,
+            energies_ev=data.energies_of(indices),
+            forces_ev_per_angstrom=data.atoms("forces_ev_per_angstrom", atom_index) if data.has_forces else None,
+            dtype=self.dtype,
+        )
+
+    def batches(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[Batch]:
+        """One pass over the dataset; shuffled with `seed` (a fixed order when None)."""
+        for indices in self.batch_orders(batch_size, seed):
+            yield self.batch(indices)
+
+    def batch_orders(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
+        """The structure indices of each batch, in the order `StructureBatcher` would use."""
+        return batch_orders(len(self), batch_size, seed)

@@ -1,0 +1,215 @@
+"""The packed level format: one level of theory as numpy ``.npy`` files, read by memory map.
+
+A dataset too large for memory is converted once (`pack_release`, or ``metamlip pack``) into
+one folder per level:
+
+    meta.json                    {"format": "metamlip-packed", "version": 1, "level", "source",
+                                  "n_structures", "n_atoms_total", "elements", "has_forces",
+                                  "units": {"energy": "eV", "length": "Angstrom"}}
+    atomic_numbers.npy           (n_atoms_total,) uint8
+    positions_angstrom.npy       (n_atoms_total, 3) float64
+    forces_ev_per_angstrom.npy   (n_atoms_total, 3) float64, only if the level has forces
+    energies_ev.npy              (n_structures,) float64 total energies
+    atom_offsets.npy             (n_structures + 1,) int64 where each structure's atoms start
+
+The conversion streams the source group by group through the ordinary reader (units, NaN
+labels), so it never holds the whole file. `PackedLevel` opens a folder: only `atom_offsets`
+is read into memory; atoms, positions, forces and energies stay on disk until a batch reads them.
+Molecules only (no periodic cells).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from metamlip.data.batching import _ranges
+from metamlip.data.level_dataset import LevelDataset
+from metamlip.errors import InputError
+from metamlip.levels import normalise_level
+from metamlip.readers.ani1x_release import read_release
+from metamlip.readers.hdf5 import groups_with, open_hdf5
+from metamlip.readers.options import ReadOptions, check_levels_found
+
+FORMAT = "metamlip-packed"
+VERSION = 1
+_ARRAYS = {  # name: (dtype, per-atom or per-structure width; None = 1-D)
+    "atomic_numbers": (np.uint8, None),
+    "positions_angstrom": (np.float64, 3),
+    "forces_ev_per_angstrom": (np.float64, 3),
+    "energies_ev": (np.float64, None),
+}
+
+
+def level_folder_name(level: str) -> str:
+    """A file-system-safe folder name for a level, e.g. 'wb97x/6-31g(d)' -> 'wb97x_6-31g_d_'."""
+    return "".join(character if character.isalnum() or character in "-+." else "_" for character in level)
+
+
+class _LevelWriter:
+    """Appends converted structures of one level to raw files; `finish` turns them into .npy files."""
+
+    def __init__(self, folder: Path, level: str, source: str, has_forces: bool) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.level, self.source, self.has_forces = folder, level, source, has_forces
+        names = [name for name in _ARRAYS if has_forces or name != "forces_ev_per_angstrom"]
+        self.streams = {name: open(folder / f"{name}.raw", "wb") for name in names}
+        self.n_atoms: list[np.ndarray] = []
+        self.elements: set[int] = set()
+
+    def append(self, dataset: LevelDataset) -> None:
+        if dataset.cells_angstrom is not None:
+            raise InputError(f"{dataset.source}: the packed format holds molecules only (no periodic cells)")
+        if dataset.has_forces != self.has_forces:
+            raise InputError(f"{dataset.source}: level {self.level!r} has forces in some groups and not in others")
+        for name, stream in self.streams.items():
+            stream.write(np.ascontiguousarray(getattr(dataset, name), dtype=_ARRAYS[name][0]).tobytes())
+        self.n_atoms.append(dataset.n_atoms)
+        self.elements.update(dataset.elements)
+
+    def finish(self) -> Path:
+        n_atoms = np.concatenate(self.n_atoms) if self.n_atoms else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64)
+        np.save(self.folder / "atom_offsets.npy", offsets)
+        for name, stream in self.streams.items():
+            stream.close()
+            dtype, width = _ARRAYS[name]
+            length = len(n_atoms) if name == "energies_ev" else int(offsets[-1])
+            raw = self.folder / f"{name}.raw"
+            shape = (length,) if width is None else (length, width)
+            target = np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            if length:
+                source = np.memmap(raw, dtype=dtype, mode="r", shape=shape)
+                for start in range(0, length, 1 << 22):  # copy in chunks, never the whole array
+                    target[start : start + (1 << 22)] = source[start : start + (1 << 22)]
+                del source
+            target.flush()
+            del target
+            raw.unlink()
+        meta = {
+            "format": FORMAT, "version": VERSION, "level": self.level, "source": self.source,
+            "n_structures": len(n_atoms), "n_atoms_total": int(offsets[-1]), "elements": sorted(self.elements),
+            "has_forces": self.has_forces, "units": {"energy": "eV", "length": "Angstrom"},
+        }
+        (self.folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        return self.folder
+
+
+def pack_release(
+    path: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    levels: list[str] | None = None,
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+) -> dict[str, Path]:
+    """Convert an ANI-1x release-layout HDF5 file into one packed folder per level, group by group.
+
+    Returns {level: folder}. Structures with NaN labels are dropped per level, as `read_dataset` does.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    wanted = None if levels is None else tuple(normalise_level(level) for level in levels)
+    options = ReadOptions(energy_unit=energy_unit, length_unit=length_unit)
+    writers: dict[str, _LevelWriter] = {}
+    with open_hdf5(path) as file:
+        for group in groups_with(file, "coordinates"):
+            for dataset in read_release(group, path, options):
+                if wanted is not None and dataset.level not in wanted:
+                    continue
+                if dataset.level not in writers:
+                    folder = out_dir / level_folder_name(dataset.level)
+                    if folder.exists():
+                        shutil.rmtree(folder)
+                    writers[dataset.level] = _LevelWriter(folder, dataset.level, str(path), dataset.has_forces)
+                writers[dataset.level].append(dataset)
+    check_levels_found(str(path), wanted, list(writers))
+    return {level: writer.finish() for level, writer in writers.items()}
+
+
+@dataclass
+class PackedLevel:
+    """A packed level opened by memory map: the `LevelDataset` fields a batcher reads, lazily.
+
+    `indices` selects (and orders) structures of the folder, so `subset` costs no copy of atoms.
+    """
+
+    folder: Path
+    level: str
+    source: str
+    elements: list[int]
+    has_forces: bool
+    indices: np.ndarray
+
+    @classmethod
+    def open(cls, folder: str | PathLike[str]) -> PackedLevel:
+        folder = Path(folder)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise InputError(f"{folder}: not a packed level (no meta.json); make one with `metamlip pack`")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+            raise InputError(f"{folder}: meta.json is not {FORMAT} version <= {VERSION}")
+        return cls(folder, meta["level"], meta["source"], meta["elements"], meta["has_forces"], np.arange(meta["n_structures"]))
+
+    def __post_init__(self) -> None:
+        self._offsets = np.load(self.folder / "atom_offsets.npy")
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def _array(self, name: str) -> np.ndarray:
+        """Memory map of one array, opened on first use in this process (never shared across fork)."""
+        if self._arrays is None:
+            self._arrays = {}
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+        return self._arrays[name]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        """(n_structures,) int64 atoms per structure."""
+        return self._offsets[self.indices + 1] - self._offsets[self.indices]
+
+    def atom_starts(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices),) where the atoms of structures `indices` (of this view) start in the files."""
+        return self._offsets[self.indices[indices]]
+
+    @property
+    def energies_ev(self) -> np.ndarray:
+        """(n_structures,) float64 total energies of this view (read into memory: 8 bytes each)."""
+        return self.energies_of(np.arange(len(self)))
+
+    def energies_of(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices),) float64 total energies of structures `indices` of this view, eV."""
+        return np.asarray(self._array("energies_ev")[self.indices[indices]])
+
+    def atoms(self, name: str, atom_index: np.ndarray) -> np.ndarray:
+        """Per-atom array `name` (see the module docstring) at file atom positions `atom_index`."""
+        return np.asarray(self._array(name)[atom_index])
+
+    def subset(self, indices: np.ndarray | list[int]) -> PackedLevel:
+        """The structures at `indices` of this view, in that order (no data is read)."""
+        return PackedLevel(self.folder, self.level, self.source, self.elements, self.has_forces, self.indices[np.asarray(indices, dtype=np.int64)])
+
+    def composition_matrix(self, elements: list[int]) -> np.ndarray:
+        """(n_structures, n_elements) element counts, read in chunks (for `EnergyReference.fit`)."""
+        column = np.full(119, -1, dtype=np.int64)
+        column[np.asarray(elements, dtype=np.int64)] = np.arange(len(elements))
+        counts = np.zeros((len(self), len(elements)))
+        for start in range(0, len(self), 65536):
+            chunk = np.arange(start, min(start + 65536, len(self)))
+            n_atoms = self.n_atoms[chunk]
+            numbers = self.atoms("atomic_numbers", _ranges(self.atom_starts(chunk), n_atoms)).astype(np.int64)
+            if (column[numbers] < 0).any():
+                raise InputError(f"{self.folder}: elements {sorted(set(numbers[column[numbers] < 0]))} not in {elements}")
+            np.add.at(counts, (np.repeat(chunk, n_atoms), column[numbers]), 1.0)
+        return counts
+

@@ -1,0 +1,117 @@
+"""Distributed pre-training on 2 CPU processes (gloo) gives the single-process weights.
+
+The test launches this file under torchrun (2 processes); each process pre-trains with
+`joint`, `multihead` (data parallel, uneven shards: batches of 7 cut 4 + 3) and `reptile`
+(task parallel, m = 2 tasks per meta-step), and resumes a 1-epoch joint run to 2 epochs.
+Rank 0's checkpoints must match serial runs with the same seeds to float64 round-off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metamlip import distributed
+from metamlip.config import ModelSection
+from metamlip.pretrain import pretrain
+from metamlip.readers import read_level
+from metamlip.strategies import PretrainBudget, ReptileSettings, get_strategy
+from metamlip.training.checkpoint import read_checkpoint
+from metamlip.training.loop import TrainingSettings
+from metamlip.training.run_training import LevelSplit
+
+DATA_DIR = Path(__file__).parent / "data"
+MODEL = ModelSection(n_features=8, n_sensitivities=4, n_interaction_layers=1, n_atom_layers=1, cutoff_angstrom=5.0, dtype="float64", seed=1)
+SETTINGS = TrainingSettings(batch_size=7, learning_rate=1e-3, progress=False, checkpoint_interval_seconds=0)
+REPTILE = ReptileSettings(inner_steps=2, tasks_per_meta_step=2, inner_learning_rate=3e-3, epsilon_start=0.9, epsilon_end=0.3)
+RUNS = {  # name: (strategy, gradient steps, steps per epoch)
+    "joint": ("joint", 8, 4),
+    "multihead": ("multihead", 8, 4),
+    "reptile": ("reptile", 16, 8),
+}
+
+
+def level_splits() -> dict[str, LevelSplit]:
+    """Two small real levels: MD17 ethanol (forces) and a QM7-X isomer."""
+    ethanol = read_level(DATA_DIR / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level="pbe+vdw-ts")
+    qm7x = read_level(DATA_DIR / "qm7x_226_raw.npz")
+    return {d.level: LevelSplit(d.subset(range(0, 30)), d.subset(range(30, 37)), d.subset(range(37, 38))) for d in (ethanol, qm7x)}
+
+
+def run(name: str, run_dir: Path, epochs: int | None = None, resume: bool = False) -> None:
+    strategy, steps, per_epoch = RUNS[name]
+    torch.manual_seed(7)  # new heads (multihead) draw from the global generator
+    budget = PretrainBudget(gradient_steps=steps if epochs is None else epochs * per_epoch, steps_per_epoch=per_epoch, reptile=REPTILE)
+    pretrain(get_strategy(strategy), level_splits(), [1, 6, 8], MODEL, SETTINGS, budget, run_dir, resume=resume)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(run_dir / "checkpoint.pt")["state_dict"]
+
+
+def main(out: Path) -> None:
+    """The torchrun side: every process runs the same calls; rank 0 writes the checkpoints."""
+    torch.set_num_threads(1)
+    assert distributed.init_from_environment() and distributed.world_size() == 2
+    for name in RUNS:
+        run(name, out / name)
+    run("joint", out / "resumed", epochs=1)
+    run("joint", out / "resumed", epochs=2, resume=True)
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distributed")
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_match_one(distributed_runs, tmp_path, name):
+    run(name, tmp_path / name)
+    serial, parallel = weights(tmp_path / name), weights(distributed_runs / name)
+    assert serial.keys() == parallel.keys()
+    for key in serial:
+        torch.testing.assert_close(parallel[key], serial[key], rtol=1e-9, atol=1e-11, msg=f"{name}: {key}")
+    history = read_checkpoint(distributed_runs / name / "checkpoint.pt")["training_state"]["history_json"]
+    assert '"epoch": 2' in history and "val_loss" in history
+
+
+def test_distributed_resume_matches_uninterrupted(distributed_runs):
+    resumed, uninterrupted = weights(distributed_runs / "resumed"), weights(distributed_runs / "joint")
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-12, atol=1e-14)
+    log = (distributed_runs / "resumed" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2
+
+
+def test_every_task_of_a_meta_step_starts_from_the_shared_optimiser_state():
+    """The serial reference: with m = 2, k = 2 each task takes its k steps from the same Adam state."""
+    from metamlip.data.references import EnergyReference
+    from metamlip.pretrain import level_tasks
+    from metamlip.strategies.reptile import ReptileEpochs
+    from metamlip.training.run_training import new_potential
+
+    splits = level_splits()
+    model = new_potential(MODEL, [1, 6, 8])
+    for split in splits.values():
+        model.add_level(EnergyReference.fit(split.train, model.species))
+    plan = ReptileEpochs(level_tasks(model, splits, MODEL.cutoff_angstrom, torch.float64), SETTINGS, REPTILE, meta_steps_per_epoch=2)
+    optimizer = plan.make_optimizer(list(model.parameters()), SETTINGS)
+    plan.run_epoch(model, optimizer, epoch=1)
+    steps = {float(state["step"]) for state in optimizer.state_dict()["state"].values()}
+    assert steps == {2.0 * REPTILE.inner_steps}
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
