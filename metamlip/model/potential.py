@@ -70,9 +70,12 @@ class Potential(nn.Module):
         self.level_heads[reference.level] = head
 
     def add_level_head(self, head: str) -> None:
-        """A fresh energy head called `head`, on the model's device and dtype."""
+        """A fresh energy head called `head`, on the model's device and dtype; its initial weights
+        depend only on how many heads the model already has (reproducible, the same on every rank)."""
         parameter = next(self.parameters())
-        self.heads[head] = HierarchicalEnergyHead(self.backbone.feature_sizes).to(parameter.device, parameter.dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(len(self.heads))
+            self.heads[head] = HierarchicalEnergyHead(self.backbone.feature_sizes).to(parameter.device, parameter.dtype)
 
     def resolve_level(self, level: str | None) -> str:
         """The normalised name of a known level; None picks the only level of a one-level model."""
