@@ -81,3 +81,12 @@ def test_packed_level_pickles_without_open_maps(packed_and_memory):
 def test_not_a_packed_folder_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="not a packed level"):
         PackedLevel.open(tmp_path)
+
+
+def test_pack_command_writes_one_folder_per_requested_level(tmp_path, data_dir, capsys):
+    from metamlip.cli.main import main
+
+    assert main(["pack", str(data_dir / "ani1x_release_sample.h5"), "--out", str(tmp_path), "--levels", "wb97x/6-31g*"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("wb97x/6-31g(d): ")
+    assert (tmp_path / printed[0].split(": ")[1] / "meta.json").is_file()

@@ -16,7 +16,9 @@ import sys
 from metamlip import __version__, distributed
 from metamlip.errors import InputError
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "label", "scan", "pretrain", "finetune", "experiment", "demo")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "train", "evaluate", "label", "scan", "pretrain", "finetune", "experiment", "demo", "pack",
+)
 DISTRIBUTED_COMMANDS: tuple[str, ...] = ("pretrain", "finetune")  # the ones that run under torchrun
 
 
