@@ -81,6 +81,7 @@ class TrainingSection:
     threads: int | None = None
     progress: bool = True
     checkpoint_interval_seconds: float = 10.0
+    refit_reference: bool = True
 
 
 @dataclass

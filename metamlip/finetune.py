@@ -19,6 +19,7 @@ from metamlip.readers import read_level
 from metamlip.strategies import Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
+from metamlip.training.refit import refit_reference
 from metamlip.training.run_training import split_dataset, training_settings
 
 
@@ -30,10 +31,13 @@ class FinetuneOptions:
         freeze_backbone: train only the energy head(s), keep the backbone fixed.
         head_source: multihead only: the pre-training level whose head the new head copies
             (default: the mean of all heads).
+        refit_reference: after training, refit the target reference on the fine-tuning
+            structures (`metamlip.training.refit`).
     """
 
     freeze_backbone: bool = False
     head_source: str | None = None
+    refit_reference: bool = True
 
 
 def finetune(
@@ -71,6 +75,8 @@ def finetune(
     result = fit(model, MixedBatchEpochs([task], settings), [task], settings, run_dir)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
+    if options.refit_reference:
+        refit_reference(model, task.train, level)
     return model, result
 
 
@@ -84,7 +90,7 @@ def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
     split = SplitConfig(seed=config.split_seed, train=config.n_finetune, validation=n_validation, test=config.n_test)
     parts = split_dataset(target, split)
     run_dir = Path(config.output_dir)
-    options = FinetuneOptions(config.freeze_backbone, config.head_source)
+    options = FinetuneOptions(config.freeze_backbone, config.head_source, config.training.refit_reference)
     model, _ = finetune(pretrained, strategy, parts.train, parts.validation, training_settings(config.training), run_dir, options)
     if distributed.is_main_process():
         save_checkpoint(run_dir / "model.pt", model, extra={"strategy": strategy.name, "finetuned_level": target.level})

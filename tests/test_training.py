@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -97,3 +98,26 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, data_dir):
     assert [record["epoch"] for record in resumed_log] == list(range(1, epochs + 1))
     first, second = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "killed")
     assert all(torch.allclose(first[name], second[name], rtol=0, atol=1e-6) for name in first)
+
+
+def test_reference_refit_removes_the_energy_offset_on_training_data(data_dir):
+    from metamlip.data.batching import StructureBatcher
+    from metamlip.data.references import EnergyReference
+    from metamlip.evaluation.metrics import predict
+    from metamlip.model.hipnn import HipnnConfig
+    from metamlip.model.potential import build_potential
+    from metamlip.readers import read_level
+    from metamlip.training.refit import refit_reference
+
+    data = read_level(data_dir / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level="pbe+vdw-ts").subset(range(40))
+    model = build_potential(data.elements, HipnnConfig(n_features=8, n_sensitivities=4, n_interaction_layers=1, n_atom_layers=1), seed=0)
+    offset = EnergyReference.fit(data, model.species)
+    offset.energy_per_element_ev = offset.energy_per_element_ev + 0.3  # a wrong reference: 2.7 eV off per ethanol
+    model.add_level(offset)
+    batcher = StructureBatcher(data, model.species, model.config.cutoff_angstrom)
+    before = predict(model, batcher).predicted_energies_ev - data.energies_ev
+    refit_reference(model, batcher, "pbe+vdw-ts")
+    after = predict(model, batcher).predicted_energies_ev - data.energies_ev
+    assert abs(before.mean()) > 1.0
+    assert abs(after.mean()) < 1e-6  # one composition: the refit zeroes the mean error exactly
+    assert np.allclose(after - after.mean(), before - before.mean(), atol=1e-5)  # the shape is untouched

@@ -144,7 +144,7 @@ def run_strategy(config: ExperimentConfig, data: ExperimentData, name: str) -> l
     strategy = get_strategy(name)
     base = pretrained_model(config, strategy, data.pretrain_splits, data.elements, out_dir)
     settings = training_settings(config.finetune.training)
-    options = FinetuneOptions(config.finetune.freeze_backbone, config.finetune.head_source)
+    options = FinetuneOptions(config.finetune.freeze_backbone, config.finetune.head_source, config.finetune.training.refit_reference)
     records = []
     for n_finetune in config.finetune.n_finetune:
         for seed in range(config.finetune.seeds):

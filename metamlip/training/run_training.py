@@ -21,7 +21,9 @@ from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_dataset
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
+from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loss import LossWeights
+from metamlip.training.refit import refit_reference
 
 log = logging.getLogger("metamlip.training")
 
@@ -134,6 +136,10 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
     tasks = [Task(level, batcher(split.train), batcher(split.validation) if len(split.validation) else None) for level, split in splits.items()]
     settings = training_settings(config.training)
     result = fit(model, MixedBatchEpochs(tasks, settings), tasks, settings, run_dir, resume=resume)
+    if config.training.refit_reference:
+        for task in tasks:
+            refit_reference(model, task.train, task.level)
+        save_checkpoint(run_dir / "model.pt", model, extra={"best_epoch": result.best_epoch, "stop_reason": result.stop_reason})
 
     test_metrics = {}
     for level, split in splits.items():

@@ -1,0 +1,28 @@
+"""Refitting a level's linear energy reference after training.
+
+The network's energy offset is set only by the (small) energy term of the loss, and Adam moves
+offset-like weights by about one learning rate per step whatever their gradient, so after
+training the total energy carries a small constant error that force training cannot see.
+Refitting e_Z by least squares on E_label - E_network over the training structures removes it
+exactly; nothing but training data is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from metamlip.data.batching import StructureBatcher
+from metamlip.data.references import EnergyReference
+from metamlip.evaluation.metrics import predict
+from metamlip.model.potential import Potential
+
+
+def refit_reference(model: Potential, train: StructureBatcher, level: str) -> EnergyReference:
+    """Replace `level`'s reference in `model` by the least-squares fit of the labels minus the
+    network's residual energies on the `train` structures; returns the new reference."""
+    dataset = train.dataset
+    old_reference_ev = model.references[level].energies_ev(dataset.composition_matrix(model.species))
+    network_ev = predict(model, train, level=level).predicted_energies_ev - old_reference_ev
+    reference = EnergyReference.fit(dataclasses.replace(dataset, energies_ev=dataset.energies_ev - network_ev), model.species)
+    model.add_level(reference, model.level_heads[level])
+    return reference
