@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from metamlip.errors import InputError
+from metamlip.model.hipnn import HipnnConfig
 
 
 @dataclass
@@ -48,17 +49,10 @@ class SplitConfig:
     test: float | None = None
 
 
-@dataclass
-class ModelSection:
-    """HIP-NN shape (distances in Angstrom), number type and initialisation seed."""
+@dataclass(frozen=True)
+class ModelSection(HipnnConfig):
+    """HIP-NN shape (distances in Angstrom, see `HipnnConfig`), number type and initialisation seed."""
 
-    n_features: int = 64
-    n_sensitivities: int = 20
-    n_interaction_layers: int = 2
-    n_atom_layers: int = 3
-    soft_min_angstrom: float = 0.75
-    soft_max_angstrom: float = 5.5
-    cutoff_angstrom: float = 6.5
     dtype: str = "float32"
     seed: int = 0
 

@@ -8,7 +8,6 @@ Rank 0's checkpoints must match serial runs with the same seeds to float64 round
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys

@@ -10,7 +10,6 @@ import yaml
 
 from metamlip.cli.main import main
 from metamlip.config import load_config
-from metamlip.errors import InputError
 from metamlip.experiment.config import ExperimentConfig
 from metamlip.experiment.run import run_experiment
 

@@ -13,7 +13,7 @@ from torch.nn.utils import parameters_to_vector
 from metamlip.config import ModelSection
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
-from metamlip.finetune import FinetuneOptions, finetune
+from metamlip.finetune import finetune
 from metamlip.pretrain import level_tasks, pretrain
 from metamlip.readers import read_level
 from metamlip.strategies import PretrainBudget, ReptileSettings, get_strategy

@@ -69,7 +69,26 @@ def species_indices(atomic_numbers: np.ndarray, species: list[int], where: str) 
     return index
 
 
-class StructureBatcher:
+class Batcher:
+    """Cuts batches from a dataset; subclasses give `batch(indices)` and `__len__`."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[Batch]:
+        """One pass over the dataset; shuffled with `seed` (a fixed order when None)."""
+        for indices in self.batch_orders(batch_size, seed):
+            yield self.batch(indices)
+
+    def batch_orders(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
+        """The structure indices of each batch of `batches`, without building the batches."""
+        return batch_orders(len(self), batch_size, seed)
+
+
+class StructureBatcher(Batcher):
     """Cuts batches from one level dataset; neighbour pairs are computed once, here."""
 
     def __init__(
@@ -121,15 +140,6 @@ class StructureBatcher:
             forces_ev_per_angstrom=None if forces is None else forces[atom_index],
             dtype=self.dtype,
         )
-
-    def batches(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[Batch]:
-        """One pass over the dataset; shuffled with `seed` (a fixed order when None)."""
-        for indices in self.batch_orders(batch_size, seed):
-            yield self.batch(indices)
-
-    def batch_orders(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
-        """The structure indices of each batch of `batches`, without building the batches."""
-        return batch_orders(len(self), batch_size, seed)
 
 
 def batch_orders(n_structures: int, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[np.ndarray]:

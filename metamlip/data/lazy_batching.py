@@ -9,17 +9,16 @@ for each of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from metamlip.data.batching import Batch, _ranges, assemble_batch, batch_orders, species_indices
+from metamlip.data.batching import Batch, Batcher, _ranges, assemble_batch, species_indices
 from metamlip.data.neighbours import structure_pairs
 from metamlip.data.packed import PackedLevel
 
 
-class PackedBatcher:
+class PackedBatcher(Batcher):
     """Cuts batches from a `PackedLevel`; neighbour pairs within `cutoff_angstrom`, computed per batch."""
 
     def __init__(self, dataset: PackedLevel, species: list[int], cutoff_angstrom: float, dtype: torch.dtype = torch.float32) -> None:
@@ -62,12 +61,3 @@ class PackedBatcher:
             forces_ev_per_angstrom=data.atoms("forces_ev_per_angstrom", atom_index) if data.has_forces else None,
             dtype=self.dtype,
         )
-
-    def batches(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[Batch]:
-        """One pass over the dataset; shuffled with `seed` (a fixed order when None)."""
-        for indices in self.batch_orders(batch_size, seed):
-            yield self.batch(indices)
-
-    def batch_orders(self, batch_size: int, seed: int | tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
-        """The structure indices of each batch, in the order `StructureBatcher` would use."""
-        return batch_orders(len(self), batch_size, seed)

@@ -9,22 +9,6 @@ from metamlip.strategies import PretrainBudget, ReptileSettings
 
 
 @dataclass
-class ReptileSection:
-    """Reptile: k inner steps, m tasks per meta-step, inner optimiser, epsilon schedule, task sampling."""
-
-    inner_steps: int = 5
-    tasks_per_meta_step: int = 1
-    inner_optimizer: str = "adam"
-    inner_learning_rate: float = 1.0e-3
-    epsilon_start: float = 1.0
-    epsilon_end: float = 0.1
-    task_sampling: str = "uniform"
-
-    def settings(self) -> ReptileSettings:
-        return ReptileSettings(**vars(self))
-
-
-@dataclass
 class PretrainSection:
     """The budget every strategy gets, and how pre-training levels are split."""
 
@@ -34,7 +18,7 @@ class PretrainSection:
     task_sampling: str = "size"
     validation_fraction: float = 0.1
     training: TrainingSection = field(default_factory=TrainingSection)
-    reptile: ReptileSection = field(default_factory=ReptileSection)
+    reptile: ReptileSettings = field(default_factory=ReptileSettings)
 
     def budget(self) -> PretrainBudget:
         return PretrainBudget(
@@ -42,7 +26,7 @@ class PretrainSection:
             wall_seconds=self.wall_seconds,
             steps_per_epoch=self.steps_per_epoch,
             task_sampling=self.task_sampling,
-            reptile=self.reptile.settings(),
+            reptile=self.reptile,
         )
 
 

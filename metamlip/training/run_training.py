@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +101,7 @@ def model_dtype(section: ModelSection) -> torch.dtype:
 
 def new_potential(section: ModelSection, elements: list[int]) -> Potential:
     """A fresh potential shaped by the config's model section."""
-    shape = {name: value for name, value in asdict(section).items() if name not in ("dtype", "seed")}
+    shape = {field.name: getattr(section, field.name) for field in fields(HipnnConfig)}
     return build_potential(elements, HipnnConfig(**shape), seed=section.seed, dtype=model_dtype(section))
 
 
