@@ -1,0 +1,162 @@
+"""Label many structures at one level of theory: parallel, resumable, failures skipped.
+
+Each finished structure is appended to the output at once, so a killed run loses
+only the structures in flight; a rerun skips the source indices already there.
+Work runs in the calling process for ``workers=1`` and in a pool of spawned,
+single-threaded processes otherwise (spawned, so a script that calls
+`label_structures` with ``workers > 1`` needs the ``if __name__ == "__main__":``
+guard). Output order follows completion order; ``info['source_index']`` ties
+frames to the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from tqdm.auto import tqdm
+
+from metamlip.errors import InputError
+from metamlip.labelling.calculation import Label, calculate
+from metamlip.labelling.methods import LevelSpec, resolve_level
+from metamlip.labelling.output import (
+    append_frame,
+    completed_indices,
+    labelled_atoms,
+    write_failures,
+)
+from metamlip.labelling.threads import single_threaded, single_threaded_worker
+
+log = logging.getLogger(__name__)
+
+# (source index, atomic numbers (n,), positions (n, 3) in Angstrom)
+Job = tuple[int, np.ndarray, np.ndarray]
+# (source index, label or None, failure reason or None)
+Outcome = tuple[int, Label | None, str | None]
+
+
+@dataclass
+class LabelReport:
+    """What one `label_structures` run did.
+
+    Attributes:
+        level: normalised level of theory.
+        out_path: the extended XYZ output.
+        n_structures: structures in the input.
+        n_already_done: structures skipped because the output already had them.
+        n_labelled: structures labelled and written by this run.
+        failures: input index -> reason, for structures that failed in this run.
+        wall_time_s: wall-clock time of the run in seconds.
+    """
+
+    level: str
+    out_path: Path
+    n_structures: int
+    n_already_done: int = 0
+    n_labelled: int = 0
+    failures: dict[int, str] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        text = (
+            f"{self.level}: {self.n_labelled} labelled, {self.n_already_done} already in {self.out_path}, "
+            f"{len(self.failures)} failed, of {self.n_structures} structures in {self.wall_time_s:.1f} s"
+        )
+        if self.failures:
+            shown = ", ".join(f"{index} ({reason})" for index, reason in sorted(self.failures.items())[:5])
+            text += f"; failed: {shown}" + (" ..." if len(self.failures) > 5 else "")
+        return text
+
+
+def _label_job(spec: LevelSpec, job: Job, charge: int, multiplicity: int) -> Outcome:
+    """Run one calculation; any error becomes a failure reason instead of an exception."""
+    index, numbers, positions_angstrom = job
+    try:
+        return index, calculate(spec, numbers, positions_angstrom, charge, multiplicity), None
+    except Exception as error:  # noqa: BLE001 - a failing structure must not stop the others
+        return index, None, f"{type(error).__name__}: {error}".strip()
+
+
+def _outcomes(spec: LevelSpec, jobs: list[Job], workers: int, charge: int, multiplicity: int) -> Iterator[Outcome]:
+    """Outcomes in completion order, computed here (workers=1) or in a process pool."""
+    if workers == 1 or len(jobs) <= 1:
+        with single_threaded(spec.backend):
+            for job in jobs:
+                yield _label_job(spec, job, charge, multiplicity)
+        return
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)),
+        mp_context=get_context("spawn"),
+        initializer=single_threaded_worker,
+        initargs=(spec.backend,),
+    )
+    try:
+        futures = [pool.submit(_label_job, spec, job, charge, multiplicity) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _jobs(structures: Sequence[Atoms], skip: set[int]) -> list[Job]:
+    jobs = []
+    for index, atoms in enumerate(structures):
+        if atoms.pbc.any():
+            raise InputError(f"structure {index} is periodic; labelling handles molecules only")
+        if index not in skip:
+            jobs.append((index, atoms.get_atomic_numbers(), atoms.get_positions()))
+    return jobs
+
+
+def label_structures(
+    structures: Sequence[Atoms],
+    level: str,
+    out_path: str | Path,
+    workers: int = 1,
+    charge: int = 0,
+    multiplicity: int = 1,
+    progress: bool = True,
+) -> LabelReport:
+    """Label `structures` (positions in Angstrom) at `level`, appending to the extended XYZ `out_path`.
+
+    Energies go out in eV, forces in eV/Angstrom (where the method has analytic
+    gradients). Indices already in `out_path` are skipped; failed structures are
+    reported by index in the report and in ``OUTPUT.failed.json``.
+    """
+    if workers < 1:
+        raise InputError(f"workers must be at least 1, got {workers}")
+    if multiplicity < 1:
+        raise InputError(f"spin multiplicity must be at least 1, got {multiplicity}")
+    spec = resolve_level(level)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    done = completed_indices(out_path, spec.name)
+    jobs = _jobs(structures, done)
+    report = LabelReport(spec.name, out_path, len(structures), n_already_done=len(done & set(range(len(structures)))))
+    bar = tqdm(total=len(jobs), desc=f"label {spec.name}", unit="structure", disable=not progress)
+    try:
+        for index, label, reason in _outcomes(spec, jobs, workers, charge, multiplicity):
+            if label is None:
+                report.failures[index] = reason or "unknown error"
+                write_failures(out_path, report.failures)
+                log.warning("structure %d failed at %s: %s", index, spec.name, reason)
+            else:
+                numbers, positions = structures[index].get_atomic_numbers(), structures[index].get_positions()
+                append_frame(out_path, labelled_atoms(numbers, positions, label, spec.name, index))
+                report.n_labelled += 1
+            bar.update(1)
+            bar.set_postfix(failed=len(report.failures))
+    finally:
+        bar.close()
+        report.wall_time_s = time.perf_counter() - start
+    write_failures(out_path, report.failures)
+    return report

@@ -1,0 +1,99 @@
+"""The bundled `ethanol-multilevel` dataset: levels, counts, forces, scans, and cross-level sanity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metamlip.datasets import BundledDataset, list_bundled, load_bundled
+from metamlip.errors import InputError
+
+NAME = "ethanol-multilevel"
+MD17_LEVEL = "pbe+vdw-ts"  # original MD17 labels: no scans, cannot be recomputed
+MIN_LEVELS = 6
+MIN_CHEAP_STRUCTURES = 300
+MIN_TARGET_STRUCTURES = 150
+SCAN_POINTS = {"torsion_hocc": 36, "bond_co": 27}
+
+
+@pytest.fixture(scope="module")
+def ethanol() -> BundledDataset:
+    return load_bundled(NAME)
+
+
+def test_listed_and_unknown_name_lists_available() -> None:
+    assert NAME in list_bundled()
+    with pytest.raises(InputError, match=NAME):
+        load_bundled("no-such-dataset")
+
+
+def test_levels_and_counts(ethanol: BundledDataset) -> None:
+    assert len(ethanol.levels) >= MIN_LEVELS
+    assert ethanol.target_level == "mp2/cc-pvdz" and ethanol.target_level in ethanol.levels
+    assert len(ethanol.levels[ethanol.target_level]) >= MIN_TARGET_STRUCTURES
+    cheap = [level for level, entry in ethanol.manifest["levels"].items() if entry["role"] == "cheap"]
+    assert len(cheap) >= 5 + 1  # five recomputed levels and the original MD17 one
+    assert ethanol.manifest["levels"][ethanol.target_level]["role"] == "target"
+    for level in cheap:
+        assert len(ethanol.levels[level]) >= MIN_CHEAP_STRUCTURES, level
+    for level, dataset in ethanol.levels.items():
+        assert dataset.level == level
+        assert len(dataset) == ethanol.manifest["levels"][level]["n_structures"] == len(ethanol.source_frames[level])
+        assert dataset.elements == [1, 6, 8]
+
+
+def test_forces_where_promised(ethanol: BundledDataset) -> None:
+    for level, entry in ethanol.manifest["levels"].items():
+        assert entry["forces"], level
+        dataset = ethanol.levels[level]
+        assert dataset.has_forces and np.isfinite(dataset.forces_ev_per_angstrom).all(), level
+
+
+def test_same_md17_frame_has_the_same_geometry_at_every_level(ethanol: BundledDataset) -> None:
+    reference = ethanol.levels[MD17_LEVEL]
+    row_of_frame = {int(frame): row for row, frame in enumerate(ethanol.source_frames[MD17_LEVEL])}
+    for level, dataset in ethanol.levels.items():
+        assert set(ethanol.source_frames[level]) <= set(row_of_frame), level
+        for row, frame in list(enumerate(ethanol.source_frames[level]))[:20]:
+            np.testing.assert_allclose(
+                dataset.positions_angstrom[dataset.atom_slice(row)],
+                reference.positions_angstrom[reference.atom_slice(row_of_frame[int(frame)])],
+                atol=1e-7,
+            )
+
+
+def test_energies_correlate_across_levels_on_shared_geometries(ethanol: BundledDataset) -> None:
+    """Levels differ by an offset (same composition) plus a smaller change of PES shape."""
+    reference = ethanol.levels[MD17_LEVEL]
+    row_of_frame = {int(frame): row for row, frame in enumerate(ethanol.source_frames[MD17_LEVEL])}
+    for level, dataset in ethanol.levels.items():
+        rows = [row_of_frame[int(frame)] for frame in ethanol.source_frames[level]]
+        energies = dataset.energies_ev - dataset.energies_ev.mean()
+        reference_energies = reference.energies_ev[rows] - reference.energies_ev[rows].mean()
+        assert np.corrcoef(energies, reference_energies)[0, 1] > 0.9, level
+
+
+def test_scans_at_every_computed_level(ethanol: BundledDataset) -> None:
+    computed = set(ethanol.levels) - {MD17_LEVEL}
+    assert set(ethanol.scans) == set(SCAN_POINTS)
+    for scan_name, points in SCAN_POINTS.items():
+        definition = ethanol.manifest["scans"][scan_name]
+        assert set(ethanol.scans[scan_name]) == computed, scan_name
+        for level, scan in ethanol.scans[scan_name].items():
+            assert len(scan.coordinate) == points == definition["n_points"], (scan_name, level)
+            assert np.isfinite(scan.energies_ev).all()
+    torsion = ethanol.scans["torsion_hocc"][ethanol.target_level]
+    assert torsion.kind == "torsion" and torsion.coordinate.max() - torsion.coordinate.min() >= 340.0
+    bond = ethanol.scans["bond_co"][ethanol.target_level]
+    assert bond.kind == "bond"
+    assert bond.coordinate.min() == pytest.approx(1.1) and bond.coordinate.max() == pytest.approx(2.4)
+    # the C-O bond has its minimum near 1.43 Angstrom at every level
+    for level, scan in ethanol.scans["bond_co"].items():
+        assert 1.3 <= scan.coordinate[np.argmin(scan.energies_ev)] <= 1.55, level
+
+
+def test_readme_keeps_the_attribution() -> None:
+    from importlib.resources import files
+
+    readme = files("metamlip").joinpath("bundled", "ethanol_multilevel", "README.md").read_text(encoding="utf-8")
+    assert "thorben-frank/mlff" in readme and "MIT License" in readme and "Chmiela" in readme
