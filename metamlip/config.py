@@ -21,7 +21,9 @@ from metamlip.model.hipnn import HipnnConfig
 
 @dataclass
 class DataSource:
-    """One file of labelled structures (see `metamlip.readers.read_dataset`)."""
+    """One file of labelled structures (see `metamlip.readers.read_dataset`), or, with
+    ``format: packed``, one packed level folder written by `metamlip pack` (read lazily by
+    `metamlip pretrain` only; see `metamlip.data.packed.open_packed`: only `levels` applies)."""
 
     path: str = ""
     format: str | None = None

@@ -6,9 +6,10 @@ import dataclasses
 from pathlib import Path
 
 from metamlip import distributed
-from metamlip.config import ModelSection, SplitConfig
-from metamlip.data.batching import StructureBatcher
-from metamlip.data.level_dataset import LevelDataset
+from metamlip.config import DataSource, ModelSection, SplitConfig
+from metamlip.data.batching import Batcher
+from metamlip.data.lazy_batching import LevelData, make_batcher
+from metamlip.data.packed import open_packed
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.experiment.config import PretrainConfig
@@ -22,15 +23,25 @@ from metamlip.training.run_training import LevelSplit, model_dtype, new_potentia
 
 
 def level_tasks(model: Potential, splits: dict[str, LevelSplit], cutoff_angstrom: float, dtype) -> list[Task]:
-    """Training and validation batchers of each level, for `model`'s species."""
+    """Training and validation batchers of each level (in memory or packed), for `model`'s species."""
 
-    def batcher(dataset: LevelDataset) -> StructureBatcher:
-        return StructureBatcher(dataset, model.species, cutoff_angstrom, dtype)
+    def batcher(dataset: LevelData) -> Batcher:
+        return make_batcher(dataset, model.species, cutoff_angstrom, dtype)
 
     return [
         Task(level, batcher(split.train), batcher(split.validation) if len(split.validation) else None)
         for level, split in splits.items()
     ]
+
+
+def read_source(source: DataSource) -> list[LevelData]:
+    """The levels of one configured source: a packed level folder (``format: packed``) opened
+    lazily, any other file read into memory by `read_dataset`."""
+    options = source.reader_options()
+    if str(options["format"] or "").strip().lower() == "packed":
+        del options["format"]
+        return open_packed(source.path, **options)
+    return read_dataset(source.path, **options)
 
 
 def pretrain(
@@ -67,12 +78,12 @@ def pretrain(
 
 
 def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
-    """`metamlip pretrain`: read the levels, split off validation, pre-train, save OUTPUT_DIR/model.pt."""
+    """`metamlip pretrain`: read (or open packed) levels, split off validation, pre-train, save OUTPUT_DIR/model.pt."""
     strategy = get_strategy(config.strategy)
     wanted = None if config.levels is None else [normalise_level(level) for level in config.levels]
-    levels: dict[str, LevelDataset] = {}
+    levels: dict[str, LevelData] = {}
     for source in config.datasets:
-        for dataset in read_dataset(source.path, **source.reader_options()):
+        for dataset in read_source(source):
             if wanted is None or dataset.level in wanted:
                 levels.setdefault(dataset.level, dataset)
     missing = sorted(set(wanted or []) - set(levels))

@@ -90,3 +90,109 @@ def test_pack_command_writes_one_folder_per_requested_level(tmp_path, data_dir, 
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and printed[0].startswith("wb97x/6-31g(d): ")
     assert (tmp_path / printed[0].split(": ")[1] / "meta.json").is_file()
+
+
+# --- `metamlip pretrain` on a packed folder (`format: packed`) ---------------------------------
+
+
+def write_synthetic_release(path, groups: int = 8, conformers: int = 30, seed: int = 0) -> None:
+    """A small ANI-1x release-layout file: `groups` random H/C/N/O formulas (3 to 7 atoms) of
+    `conformers` jittered geometries each; energies and forces in Hartree(/Angstrom), not physical."""
+    import h5py
+
+    generator = np.random.default_rng(seed)
+    with h5py.File(path, "w") as file:
+        for index in range(groups):
+            n_atoms = int(generator.integers(3, 8))
+            numbers = generator.choice([1, 6, 7, 8], size=n_atoms, p=[0.5, 0.3, 0.1, 0.1])
+            base = np.cumsum(generator.uniform(0.9, 1.4, size=(n_atoms, 3)) * generator.choice([-1, 1], size=(n_atoms, 3)) / 1.7, axis=0)
+            group = file.create_group(f"mol{index:03d}")
+            group["atomic_numbers"] = numbers
+            group["coordinates"] = base + generator.normal(0.0, 0.05, size=(conformers, n_atoms, 3))
+            group["wb97x_dz.energy"] = -0.5 * (numbers == 1).sum() - 38.0 * (numbers > 1).sum() + generator.normal(0.0, 0.01, size=conformers)
+            group["wb97x_dz.forces"] = generator.normal(0.0, 0.02, size=(conformers, n_atoms, 3))
+
+
+@pytest.fixture(scope="module")
+def synthetic_release(tmp_path_factory) -> tuple:
+    """(release-layout HDF5 file, its packed wb97x/6-31g(d) folder) with 240 conformers."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    path = folder / "release.h5"
+    write_synthetic_release(path)
+    return path, pack_release(path, folder / "packed", levels=[LEVEL])[LEVEL]
+
+
+def write_pretrain_config(tmp_path, name: str, datasets: list[dict], strategy: str = "reptile") -> str:
+    import yaml
+
+    config = {
+        "datasets": datasets,
+        "strategy": strategy,
+        "split_seed": 3,
+        "model": {"n_features": 8, "n_sensitivities": 4, "n_interaction_layers": 1, "n_atom_layers": 1, "cutoff_angstrom": 5.0, "seed": 2},
+        "pretrain": {
+            "gradient_steps": 6, "steps_per_epoch": 3, "validation_fraction": 0.2,
+            "training": {"batch_size": 16, "progress": False, "checkpoint_interval_seconds": 1000.0},
+        },
+        "output_dir": str(tmp_path / name),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+def test_pretrain_command_trains_on_a_packed_folder_without_a_pair_table(synthetic_release, tmp_path, monkeypatch):
+    from metamlip.cli.main import main
+
+    def no_pair_table(*args, **kwargs):
+        raise AssertionError("a packed level must not build a whole-dataset pair table")
+
+    monkeypatch.setattr("metamlip.data.batching.build_pair_table", no_pair_table)
+    _, folder = synthetic_release
+    config = write_pretrain_config(tmp_path, "packed", [{"path": str(folder), "format": "packed", "levels": ["wB97X/6-31G*"]}], "joint")
+    assert main(["pretrain", config]) == 0
+    assert (tmp_path / "packed" / "model.pt").is_file()
+
+
+def test_pretraining_from_a_packed_folder_equals_pretraining_in_memory(synthetic_release, tmp_path, data_dir):
+    """Same split, same references, same batches: a packed level beside an in-memory one gives the
+    weights of reading both into memory."""
+    from metamlip.cli.main import main
+
+    path, folder = synthetic_release
+    qm7x = {"path": str(data_dir / "qm7x_226_raw.npz")}
+    packed = write_pretrain_config(tmp_path, "packed", [{"path": str(folder), "format": "packed"}, qm7x])
+    memory = write_pretrain_config(tmp_path, "memory", [{"path": str(path)}, qm7x])
+    assert main(["pretrain", packed]) == 0 and main(["pretrain", memory]) == 0
+    first, second = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("packed", "memory"))
+    assert first["model"] == second["model"]  # levels, heads and fitted references
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for name, tensor in first["state_dict"].items():
+        torch.testing.assert_close(tensor, second["state_dict"][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("make_folder", [False, True], ids=["missing", "not-packed"])
+def test_a_bad_packed_folder_in_a_config_is_one_line_naming_it(tmp_path, capsys, make_folder):
+    from metamlip.cli.main import main
+
+    folder = tmp_path / "no_such_level"
+    if make_folder:
+        folder.mkdir()
+    config = write_pretrain_config(tmp_path, "run", [{"path": str(folder), "format": "packed"}])
+    assert main(["pretrain", config]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and str(folder) in message
+    assert ("not a packed level" if make_folder else "no such file") in message
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_packed_source_options_are_checked(synthetic_release):
+    from metamlip.data.packed import open_packed
+
+    _, folder = synthetic_release
+    with pytest.raises(InputError, match="no level 'hf/cc-pvdz'"):
+        open_packed(folder, levels=["hf/cc-pvdz"])
+    with pytest.raises(InputError, match=r"\['energy_unit'\] do not apply"):
+        open_packed(folder, energy_unit="kcal/mol")
+    with pytest.raises(InputError, match="read lazily by `metamlip pretrain`"):
+        read_dataset(folder, format="packed")

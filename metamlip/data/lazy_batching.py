@@ -4,18 +4,22 @@
 `batches`, `batch_orders`, `n_atoms` and `__len__`, the same `Batch`es (built by
 `assemble_batch`), but nothing per atom is held in memory between batches: each batch
 reads its structures from the memory-mapped files and calls vesin (`structure_pairs`)
-for each of them.
+for each of them. `make_batcher` picks the batcher that fits a dataset.
 """
 
 from __future__ import annotations
 
+from typing import TypeAlias
 
 import numpy as np
 import torch
 
-from metamlip.data.batching import Batch, Batcher, _ranges, assemble_batch, species_indices
+from metamlip.data.batching import Batch, Batcher, StructureBatcher, _ranges, assemble_batch, species_indices
+from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.neighbours import structure_pairs
 from metamlip.data.packed import PackedLevel
+
+LevelData: TypeAlias = LevelDataset | PackedLevel  # one level's structures, in memory or packed on disk
 
 
 class PackedBatcher(Batcher):
@@ -61,3 +65,9 @@ class PackedBatcher(Batcher):
             forces_ev_per_angstrom=data.atoms("forces_ev_per_angstrom", atom_index) if data.has_forces else None,
             dtype=self.dtype,
         )
+
+
+def make_batcher(dataset: LevelData, species: list[int], cutoff_angstrom: float, dtype: torch.dtype = torch.float32) -> Batcher:
+    """A `PackedBatcher` for a packed level (or a view of one), a `StructureBatcher` for one in memory."""
+    kind = PackedBatcher if isinstance(dataset, PackedLevel) else StructureBatcher
+    return kind(dataset, species, cutoff_angstrom, dtype)

@@ -20,8 +20,10 @@ Molecules only (no periodic cells).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -197,19 +199,42 @@ class PackedLevel:
 
     def subset(self, indices: np.ndarray | list[int]) -> PackedLevel:
         """The structures at `indices` of this view, in that order (no data is read)."""
-        return PackedLevel(self.folder, self.level, self.source, self.elements, self.has_forces, self.indices[np.asarray(indices, dtype=np.int64)])
+        view = copy.copy(self)  # shares the (read-only) atom offsets; memory maps reopen on first use
+        view.indices = self.indices[np.asarray(indices, dtype=np.int64)]
+        return view
 
     def composition_matrix(self, elements: list[int]) -> np.ndarray:
         """(n_structures, n_elements) element counts, read in chunks (for `EnergyReference.fit`)."""
         column = np.full(119, -1, dtype=np.int64)
         column[np.asarray(elements, dtype=np.int64)] = np.arange(len(elements))
         counts = np.zeros((len(self), len(elements)))
+        all_n_atoms = self.n_atoms
         for start in range(0, len(self), 65536):
             chunk = np.arange(start, min(start + 65536, len(self)))
-            n_atoms = self.n_atoms[chunk]
+            n_atoms = all_n_atoms[chunk]
             numbers = self.atoms("atomic_numbers", _ranges(self.atom_starts(chunk), n_atoms)).astype(np.int64)
             if (column[numbers] < 0).any():
                 raise InputError(f"{self.folder}: elements {sorted(set(numbers[column[numbers] < 0]))} not in {elements}")
             np.add.at(counts, (np.repeat(chunk, n_atoms), column[numbers]), 1.0)
         return counts
 
+
+def open_packed(
+    folder: str | PathLike[str], *, levels: Sequence[str] | str | None = None, **options: object
+) -> list[PackedLevel]:
+    """The level of packed `folder`, opened lazily, as a one-item list like `read_dataset`'s.
+
+    `levels` (names are normalised): InputError if the folder's level is not among them. Unit, key
+    and level-name options are refused: a packed folder is in eV and Angstrom and names its level.
+    """
+    given = sorted(name for name, value in options.items() if value is not None)
+    if given:
+        raise InputError(f"{folder}: option(s) {given} do not apply to a packed level folder (eV, Angstrom, level from meta.json)")
+    level = PackedLevel.open(folder)
+    names = [levels] if isinstance(levels, str) else levels
+    try:
+        wanted = None if names is None else tuple(normalise_level(name) for name in names)
+    except ValueError as error:
+        raise InputError(f"{folder}: option `levels`: {error}") from None
+    check_levels_found(str(folder), wanted, [level.level])
+    return [level]

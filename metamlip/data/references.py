@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from metamlip.data.level_dataset import LevelDataset
+
+if TYPE_CHECKING:
+    from metamlip.data.packed import PackedLevel
 
 
 @dataclass
@@ -24,9 +28,10 @@ class EnergyReference:
     energy_per_element_ev: np.ndarray
 
     @classmethod
-    def fit(cls, dataset: LevelDataset, elements: list[int]) -> EnergyReference:
-        """Least-squares e_Z on element counts; a level with a single composition
-        gets the mean energy per atom for every element it contains."""
+    def fit(cls, dataset: LevelDataset | PackedLevel, elements: list[int]) -> EnergyReference:
+        """Least-squares e_Z (eV) on element counts; a level with a single composition
+        gets the mean energy per atom for every element it contains. A packed level (or view)
+        is counted from its atomic-number file, chunk by chunk."""
         counts = dataset.composition_matrix(elements)
         energies = dataset.energies_ev
         if len(np.unique(counts, axis=0)) <= 1:

@@ -42,7 +42,7 @@ def read_dataset(
         path: the dataset file.
         format: one of `READERS` ("npz", "ani-hdf5", "spice-hdf5", "ase"); None detects it from
             the file's content (HDF5 layout by its keys, npz by its zip signature) and otherwise
-            hands it to ASE.
+            hands it to ASE. "packed" is refused here: see `metamlip.data.packed.open_packed`.
         level: level name for files that do not store one; overrides a stored name. In a file
             with several levels (ANI-1x release) it selects that level.
         levels: only these levels (names are normalised); InputError if one is not in the file.
@@ -53,6 +53,9 @@ def read_dataset(
     Forces are in eV/Angstrom (the energy factor over the length factor); `n_skipped` counts
     structures dropped for NaN labels.
     """
+    if format is not None and format.strip().lower() == "packed":
+        raise InputError(f"{path}: format 'packed' (a `metamlip pack` folder) is read lazily by `metamlip pretrain` "
+                         "or `metamlip.data.packed.open_packed`, not into memory by this command")
     path = require_file(path)
     options = ReadOptions(
         level=level,
