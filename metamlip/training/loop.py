@@ -250,7 +250,8 @@ def fit(
     last_checkpoint = time.perf_counter()
     stop_reason = "max_epochs"
     epochs = range(state.epoch + 1, settings.max_epochs + 1)
-    bar = tqdm(epochs, desc="training", unit="epoch", disable=not (settings.progress and main), dynamic_ncols=True)
+    # disable=None: tqdm draws only on a terminal; log.jsonl records every epoch anyway
+    bar = tqdm(epochs, desc="training", unit="epoch", disable=None if settings.progress and main else True, dynamic_ncols=True)
     for epoch in bar:
         train_metrics = plan.run_epoch(model, optimizer, epoch)
         val_metrics = validation_loss(model, validation_tasks, settings.loss, settings.batch_size * 2)
