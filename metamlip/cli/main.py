@@ -23,7 +23,11 @@ DISTRIBUTED_COMMANDS: tuple[str, ...] = ("pretrain", "finetune")  # the ones tha
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metamlip", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="metamlip",
+        description="Interatomic potentials pre-trained across levels of theory (scratch, joint, multihead, "
+        "Reptile) and refitted to a new level with little data. Energies in eV, lengths in Angstrom.",
+    )
     parser.add_argument("--version", action="version", version=f"metamlip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True)
