@@ -53,5 +53,5 @@ class MetamlipCalculator(Calculator):
         self.results = {
             "energy": energy,
             "free_energy": energy,
-            "forces": prediction.forces_ev_per_angstrom.detach().double().numpy().copy(),
+            "forces": prediction.forces_ev_per_angstrom.detach().double().cpu().numpy().copy(),
         }

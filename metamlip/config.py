@@ -78,6 +78,7 @@ class TrainingSection:
     progress: bool = True
     checkpoint_interval_seconds: float = 10.0
     refit_reference: bool = True
+    device: str = "cpu"
 
 
 @dataclass

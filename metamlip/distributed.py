@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from metamlip.data.batching import Batch
+from metamlip.errors import InputError
 from metamlip.training.loss import BatchLoss, LossWeights, batch_loss
 
 
@@ -47,6 +48,18 @@ def init_from_environment() -> bool:
     default = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=os.environ.get("METAMLIP_DIST_BACKEND", default))
     return dist.get_world_size() > 1
+
+
+def training_device(name: str) -> torch.device:
+    """The torch device for config value `name` ('cpu', 'cuda', 'cuda:N'); under torchrun,
+    'cuda' means this process's GPU (``LOCAL_RANK``)."""
+    if not str(name).startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise InputError(f"config key 'training.device' is {name!r} but PyTorch sees no CUDA device")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
 
 
 def shutdown() -> None:
@@ -152,6 +165,7 @@ def data_parallel_backward(model: torch.nn.Module, batch: Batch, weights: LossWe
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     energy_share = batch.n_structures / structures
     force_share = float(batch.n_atoms.sum()) / atoms
+    device = parameters[0].device
     loss_parts = torch.zeros(4, dtype=torch.float64)  # total, energy MSE, force MSE, force used
     if batch.n_structures:
         scaled = LossWeights(energy=weights.energy * energy_share, forces=weights.forces * force_share)
@@ -162,9 +176,9 @@ def data_parallel_backward(model: torch.nn.Module, batch: Batch, weights: LossWe
         if loss.force_mse_ev2_per_angstrom2 is not None:
             loss_parts[2] = loss.force_mse_ev2_per_angstrom2 * force_share
             loss_parts[3] = 1.0
-    gradients = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype) for p in parameters]
-    reached = torch.tensor([p.grad is not None for p in parameters], dtype=parameters[0].dtype)
-    flat = sum_across_processes(torch.cat([*gradients, reached, loss_parts.to(parameters[0].dtype)]))
+    gradients = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in parameters]
+    reached = torch.tensor([p.grad is not None for p in parameters], dtype=parameters[0].dtype, device=device)
+    flat = sum_across_processes(torch.cat([*gradients, reached, loss_parts.to(device, parameters[0].dtype)]))
     offset = 0
     for parameter, was_reached in zip(parameters, flat[-4 - len(parameters) : -4]):
         size = parameter.numel()

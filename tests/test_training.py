@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -120,3 +121,12 @@ def test_reference_refit_removes_the_energy_offset_on_training_data(data_dir):
     assert abs(before.mean()) > 1.0
     assert abs(after.mean()) < 1e-6  # one composition: the refit zeroes the mean error exactly
     assert np.allclose(after - after.mean(), before - before.mean(), atol=1e-5)  # the shape is untouched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this check is about machines without CUDA")
+def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path, data_dir, capsys):
+    from metamlip.cli.main import main
+
+    config = write_config(tmp_path, data_dir, "gpu", device="cuda")
+    assert main(["train", str(config)]) == 2
+    assert "training.device" in capsys.readouterr().err

@@ -51,6 +51,9 @@ class Batch:
         return int(self.n_atoms.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
+        """This batch on `device` (itself when it is there already)."""
+        if self.species_index.device == torch.device(device):
+            return self
         moved = {name: getattr(self, name) for name in self.__dataclass_fields__}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):

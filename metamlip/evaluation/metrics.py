@@ -61,8 +61,8 @@ def predict(model: Potential, batcher: StructureBatcher, level: str | None = Non
     with_forces = batcher.dataset.has_forces
     for batch in batcher.batches(batch_size):
         prediction = model(batch, level=level, forces=True)
-        energies.append(prediction.energy_ev.numpy())
-        forces.append(prediction.forces_ev_per_angstrom.detach().double().numpy())
+        energies.append(prediction.energy_ev.cpu().numpy())
+        forces.append(prediction.forces_ev_per_angstrom.detach().double().cpu().numpy())
     data = batcher.dataset
     return Predictions(
         energies_ev=data.energies_ev,

@@ -97,6 +97,7 @@ class Potential(nn.Module):
     def forward(self, batch: Batch, level: str | None = None, forces: bool = True, create_graph: bool = False) -> Prediction:
         """Energies (and forces) of `batch` at `level` (default: the batch's own level)."""
         level = self.resolve_level(level if level is not None else batch.level)
+        batch = batch.to(next(self.parameters()).device)
         positions = batch.positions_angstrom.detach().requires_grad_(forces)
         distance = self.neighbour_distances_angstrom(batch, positions)
         features = self.backbone(batch.species_index, batch.neighbour_index, distance)

@@ -157,15 +157,15 @@ def _all_reduce_meta_step(
     loss_sums = [value for name in names for value in (sum(loss.get(name, 0.0) for loss in losses), sum(name in loss for loss in losses))]
     parts = [
         torch.stack([weights - theta for weights in adapted]).sum(dim=0),
-        *(value.reshape(-1).to(theta.dtype) for value in state_sums),
-        torch.tensor([float(len(adapted)), *loss_sums], dtype=theta.dtype),
+        *(value.reshape(-1).to(theta.device, theta.dtype) for value in state_sums),
+        torch.tensor([float(len(adapted)), *loss_sums], dtype=theta.dtype, device=theta.device),
     ]
     flat = distributed.sum_across_processes(torch.cat(parts))
     n_tasks = float(flat[-1 - len(loss_sums)])
     copy_into_parameters(theta + epsilon * (flat[: theta.numel()] / n_tasks), parameters)
     offset = theta.numel()
     for (key, name), value in zip(state_keys, state_sums):
-        summed_state["state"][key][name] = (flat[offset : offset + value.numel()].view_as(value) / n_tasks).to(value.dtype)
+        summed_state["state"][key][name] = (flat[offset : offset + value.numel()].view_as(value) / n_tasks).to(value.device, value.dtype)
         offset += value.numel()
     optimizer.load_state_dict(summed_state)
     totals = flat[-len(loss_sums) :].tolist()

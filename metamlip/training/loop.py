@@ -56,6 +56,7 @@ class TrainingSettings:
     progress: bool = True
     restore_best: bool = True
     checkpoint_interval_seconds: float = 10.0
+    device: str = "cpu"
 
 
 @dataclass
@@ -232,6 +233,7 @@ def fit(
     checkpoints, and every rank reads the checkpoint on `resume` (`run_dir` must be shared).
     """
     main = distributed.is_main_process()
+    model.to(distributed.training_device(settings.device))
     distributed.copy_from_main_process(model)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ class BatchLoss:
 
 def batch_loss(model: Potential, batch: Batch, weights: LossWeights, create_graph: bool = True) -> BatchLoss:
     """Loss of `model` on `batch` at the batch's level; differentiable when `create_graph`."""
+    batch = batch.to(next(model.parameters()).device)
     use_forces = batch.forces_ev_per_angstrom is not None and weights.forces > 0
     prediction = model(batch, forces=use_forces, create_graph=create_graph)
     target_residual = (batch.energies_ev - prediction.reference_energy_ev).to(prediction.residual_energy_ev.dtype)

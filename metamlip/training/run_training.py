@@ -90,6 +90,7 @@ def training_settings(section: TrainingSection) -> TrainingSettings:
         seed=section.seed,
         progress=section.progress,
         checkpoint_interval_seconds=section.checkpoint_interval_seconds,
+        device=section.device,
     )
 
 
