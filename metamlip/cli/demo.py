@@ -15,7 +15,7 @@ DEMO_CONFIG = "demo_ethanol.yaml"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="compare scratch, joint, multihead and reptile on the bundled ethanol data (about 5 minutes)"
+        "demo", help="compare scratch, joint, multihead and reptile on the bundled ethanol data (about 3 minutes)"
     )
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
