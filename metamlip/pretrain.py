@@ -6,20 +6,18 @@ import dataclasses
 from pathlib import Path
 
 from metamlip import distributed
-from metamlip.config import DataSource, ModelSection, SplitConfig
+from metamlip.config import DataSource, ModelSection
 from metamlip.data.batching import Batcher
 from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.packed import open_packed
 from metamlip.data.references import EnergyReference
-from metamlip.errors import InputError
 from metamlip.experiment.config import PretrainConfig
-from metamlip.levels import normalise_level
 from metamlip.model.potential import Potential
 from metamlip.readers import read_dataset
 from metamlip.strategies import PretrainBudget, Strategy, get_strategy
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import FitResult, Task, TrainingSettings, fit
-from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, split_dataset, training_settings
+from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, read_sources, training_settings, validation_splits
 
 
 def level_tasks(model: Potential, splits: dict[str, LevelSplit], cutoff_angstrom: float, dtype) -> list[Task]:
@@ -80,18 +78,8 @@ def pretrain(
 def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
     """`metamlip pretrain`: read (or open packed) levels, split off validation, pre-train, save OUTPUT_DIR/model.pt."""
     strategy = get_strategy(config.strategy)
-    wanted = None if config.levels is None else [normalise_level(level) for level in config.levels]
-    levels: dict[str, LevelData] = {}
-    for source in config.datasets:
-        for dataset in read_source(source):
-            if wanted is None or dataset.level in wanted:
-                levels.setdefault(dataset.level, dataset)
-    missing = sorted(set(wanted or []) - set(levels))
-    if missing or not levels:
-        raise InputError(f"levels {missing or config.levels} are in none of the datasets")
-    fraction = config.pretrain.validation_fraction
-    split = SplitConfig(seed=config.split_seed, train=1 - fraction, validation=fraction, test=0)
-    splits = {level: split_dataset(dataset, split) for level, dataset in levels.items()}
+    levels = read_sources(config.datasets, config.levels, read_source)
+    splits = validation_splits(levels, config.pretrain.validation_fraction, config.split_seed)
     elements = sorted({z for dataset in levels.values() for z in dataset.elements})
     settings = training_settings(config.pretrain.training)
     run_dir = Path(config.output_dir)

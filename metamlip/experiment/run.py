@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from metamlip import __version__
-from metamlip.config import SplitConfig
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.errors import InputError
@@ -30,10 +29,9 @@ from metamlip.finetune import FinetuneOptions, finetune
 from metamlip.levels import normalise_level
 from metamlip.model.potential import Potential
 from metamlip.pretrain import pretrain
-from metamlip.readers import read_dataset
 from metamlip.strategies import Strategy, get_strategy
 from metamlip.training.checkpoint import load_potential, save_checkpoint
-from metamlip.training.run_training import LevelSplit, split_dataset, training_settings
+from metamlip.training.run_training import LevelSplit, read_sources, training_settings, validation_splits
 
 log = logging.getLogger("metamlip.experiment")
 
@@ -49,14 +47,7 @@ def read_experiment_levels(config: ExperimentConfig) -> dict[str, LevelDataset]:
     wanted = [normalise_level(level) for level in config.pretrain_levels] + [normalise_level(config.target_level)]
     if len(set(wanted)) != len(wanted):
         raise InputError(f"config keys 'pretrain_levels' and 'target_level' repeat a level: {wanted}")
-    found: dict[str, LevelDataset] = {}
-    for source in config.datasets:
-        for dataset in read_dataset(source.path, **source.reader_options()):
-            found.setdefault(dataset.level, dataset)
-    missing = [level for level in wanted if level not in found]
-    if missing:
-        raise InputError(f"levels {missing} are in none of the datasets; the datasets hold {sorted(found)}")
-    return {level: found[level] for level in wanted}
+    return read_sources(config.datasets, wanted)
 
 
 def hold_out_target(target: LevelDataset, n_test: int, seed: int) -> tuple[LevelDataset, LevelDataset]:
@@ -127,9 +118,8 @@ def prepare_experiment(config: ExperimentConfig) -> ExperimentData:
     target_level = normalise_level(config.target_level)
     scan_references = load_scan_references(config.scans)
     test, pool = hold_out_target(levels[target_level], config.n_test, config.split_seed)
-    fraction = config.pretrain.validation_fraction
-    validation = SplitConfig(seed=config.split_seed, train=1 - fraction, validation=fraction, test=0)
-    pretrain_splits = {level: split_dataset(levels[level], validation) for level in levels if level != target_level}
+    pretraining_levels = {level: dataset for level, dataset in levels.items() if level != target_level}
+    pretrain_splits = validation_splits(pretraining_levels, config.pretrain.validation_fraction, config.split_seed)
     for n_finetune in config.finetune.n_finetune:
         finetune_subsets(pool, n_finetune, config.finetune.n_validation(n_finetune), 0)
     elements = sorted({z for dataset in levels.values() for z in dataset.elements})

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from metamlip.config import ModelSection, SplitConfig, TrainConfig, TrainingSection
+from metamlip.config import DataSource, ModelSection, SplitConfig, TrainConfig, TrainingSection
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.evaluation.metrics import ErrorMetrics, error_metrics, predict
 from metamlip.evaluation.parity import plot_parity
+from metamlip.levels import normalise_level
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_dataset
@@ -76,22 +78,9 @@ def split_dataset(dataset: LevelDataset, split: SplitConfig) -> LevelSplit:
 
 
 def training_settings(section: TrainingSection) -> TrainingSettings:
-    """The loop's settings from the config section."""
-    return TrainingSettings(
-        batch_size=section.batch_size,
-        learning_rate=section.learning_rate,
-        loss=LossWeights(energy=section.energy_weight, forces=section.force_weight),
-        max_epochs=section.max_epochs,
-        max_wall_seconds=section.max_wall_seconds,
-        early_stopping_patience=section.early_stopping_patience,
-        scheduler_patience=section.scheduler_patience,
-        scheduler_factor=section.scheduler_factor,
-        min_learning_rate=section.min_learning_rate,
-        seed=section.seed,
-        progress=section.progress,
-        checkpoint_interval_seconds=section.checkpoint_interval_seconds,
-        device=section.device,
-    )
+    """The loop's settings from the config section: every field of the same name, and the loss weights."""
+    shared = {field.name: getattr(section, field.name) for field in fields(TrainingSettings) if hasattr(section, field.name)}
+    return TrainingSettings(**shared, loss=LossWeights(energy=section.energy_weight, forces=section.force_weight))
 
 
 def model_dtype(section: ModelSection) -> torch.dtype:
@@ -106,17 +95,34 @@ def new_potential(section: ModelSection, elements: list[int]) -> Potential:
     return build_potential(elements, HipnnConfig(**shape), seed=section.seed, dtype=model_dtype(section))
 
 
-def read_levels(config: TrainConfig) -> list[LevelDataset]:
-    """Every level of every configured dataset; one level may not come from two sources."""
-    if not config.datasets:
+def read_sources(
+    sources: list[DataSource], wanted: list[str] | None = None, read: Callable[[DataSource], list] | None = None
+) -> dict[str, LevelDataset]:
+    """The levels of the configured sources, by normalised name: all of them, or the `wanted` ones
+    in that order. A level found in two sources, or a wanted level found nowhere, is an InputError.
+    `read` turns one source into its levels (default: `read_dataset` into memory)."""
+    if not sources:
         raise InputError("config key 'datasets' lists no data")
-    levels: dict[str, LevelDataset] = {}
-    for source in config.datasets:
-        for dataset in read_dataset(source.path, **source.reader_options()):
-            if dataset.level in levels:
-                raise InputError(f"level {dataset.level!r} comes from both {levels[dataset.level].source} and {dataset.source}")
-            levels[dataset.level] = dataset
-    return list(levels.values())
+    read = read or (lambda source: read_dataset(source.path, **source.reader_options()))
+    found: dict[str, LevelDataset] = {}
+    for source in sources:
+        for dataset in read(source):
+            if dataset.level in found:
+                raise InputError(f"level {dataset.level!r} comes from both {found[dataset.level].source} and {dataset.source}")
+            found[dataset.level] = dataset
+    if wanted is None:
+        return found
+    names = [normalise_level(level) for level in wanted]
+    missing = [level for level in names if level not in found]
+    if missing:
+        raise InputError(f"levels {missing} are in none of the datasets; the datasets hold {sorted(found)}")
+    return {level: found[level] for level in names}
+
+
+def validation_splits(levels: dict[str, LevelDataset], fraction: float, seed: int) -> dict[str, LevelSplit]:
+    """Each level split into training and validation parts only (pre-training levels)."""
+    split = SplitConfig(seed=seed, train=1 - fraction, validation=fraction, test=0)
+    return {level: split_dataset(dataset, split) for level, dataset in levels.items()}
 
 
 def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
@@ -124,7 +130,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
     if config.training.threads:
         torch.set_num_threads(config.training.threads)
     run_dir = Path(config.output_dir)
-    splits = {dataset.level: split_dataset(dataset, config.split) for dataset in read_levels(config)}
+    splits = {level: split_dataset(dataset, config.split) for level, dataset in read_sources(config.datasets).items()}
     elements = sorted({z for split in splits.values() for z in split.train.elements + split.validation.elements + split.test.elements})
     model = new_potential(config.model, elements)
     for level, split in splits.items():
