@@ -3,16 +3,15 @@
 Launched with ``torchrun --nproc_per_node N -m metamlip pretrain CONFIG``, every process
 (rank) runs the same training loop on the same seeds. Two kinds of parallelism plug into it:
 
-- data parallel (`joint`, `multihead`, fine-tuning): every global batch is cut into one
-  contiguous shard per rank (`ShardedBatcher`); each rank weights its loss terms by its
-  shard's share of the global batch (structures for the energy term, atoms for the force
-  term), so the *sum* of the ranks' gradients is exactly the gradient of the single-process
-  loss on the whole batch. The gradients are summed with one `all_reduce` per step
-  (`data_parallel_backward`). DistributedDataParallel is not used: its reducer averages over
-  ranks (our shards are not equal-sized), needs `find_unused_parameters` for the per-level
-  heads of `multihead`, and its hooks were not designed around the double backward that
-  forces need (``create_graph=True``); a plain `all_reduce` of one flat gradient vector is
-  exact, and is still PyTorch's own distributed engine.
+- data parallel (`joint`, `multihead`, fine-tuning): the model is wrapped in
+  `torch.nn.parallel.DistributedDataParallel` (`data_parallel_model`) and every global batch
+  is cut into one contiguous shard per rank (`ShardedBatcher`). Each rank weights its loss
+  terms by its shard's share of the global batch (structures for the energy term, atoms for
+  the force term) times the number of ranks, so the average DDP takes of the ranks' gradients
+  is exactly the gradient of the single-process loss on the whole batch, even for unequal or
+  empty shards (`data_parallel_backward`). Forces are a gradient with respect to positions
+  inside the forward pass, so the loss's backward is a double backward; DDP's hooks sit on
+  the parameters' gradient accumulators and fire once per parameter, as they should.
 - task parallel (`reptile`): each rank adapts its own tasks of a meta-step; see
   `metamlip.strategies.reptile`.
 
@@ -23,15 +22,18 @@ and the serial code paths run unchanged. Only rank 0 writes files and logs.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from metamlip.data.batching import Batch
 from metamlip.errors import InputError
+from metamlip.model.potential import Potential
 from metamlip.training.loss import BatchLoss, LossWeights, batch_loss
 
 
@@ -153,36 +155,43 @@ def sharded(batcher: Batcher) -> Batcher | ShardedBatcher:
     return batcher if world_size() == 1 else ShardedBatcher(batcher, rank(), world_size())
 
 
-def data_parallel_backward(model: torch.nn.Module, batch: Batch, weights: LossWeights) -> BatchLoss:
-    """Backward pass of this rank's shard, then the gradients summed over ranks in one all-reduce.
+def data_parallel_model(model: Potential) -> DistributedDataParallel:
+    """`model` wrapped for data-parallel training; the wrapper broadcasts rank 0's weights.
+
+    A batch holds one level, so in a multi-head model the other levels' heads get no gradient
+    in that step (``find_unused_parameters``); parameters that no rank used keep
+    ``grad = None``, so Adam leaves them alone, as in a single process.
+    """
+    # the (1, n) output weights get gradients with strides (1, 1) instead of (n, 1): the same
+    # memory layout, which DDP's layout check flags anyway; the warning says nothing useful
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(model, find_unused_parameters=len(model.heads) > 1)
+
+
+def data_parallel_backward(model: DistributedDataParallel, batch: Batch, weights: LossWeights) -> BatchLoss:
+    """Backward pass of this rank's shard of a global batch; DDP averages the gradients.
 
     The shard's energy term is weighted by (its structures / global structures) and its force
-    term by (its atoms / global atoms): summed over ranks, the loss and its gradient are those of
-    the whole global batch. Parameters that no rank's graph reached keep ``grad = None`` (so Adam
-    skips them, as in a single process). Returns the global batch's loss parts.
+    term by (its atoms / global atoms), both times the number of ranks: the average over ranks
+    of the gradients is then the gradient of the loss of the whole global batch. A rank whose
+    shard is empty still takes part, with a zero loss. Returns the global batch's loss parts
+    (summed over ranks with one small all-reduce, for the log).
     """
     structures, atoms = batch.shard_of if batch.shard_of is not None else (batch.n_structures, int(batch.n_atoms.sum()))
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     energy_share = batch.n_structures / structures
     force_share = float(batch.n_atoms.sum()) / atoms
-    device = parameters[0].device
-    loss_parts = torch.zeros(4, dtype=torch.float64)  # total, energy MSE, force MSE, force used
+    loss_parts = torch.zeros(3, dtype=torch.float64)  # energy MSE, force MSE, force term used
     if batch.n_structures:
-        scaled = LossWeights(energy=weights.energy * energy_share, forces=weights.forces * force_share)
+        ranks = world_size()
+        scaled = LossWeights(energy=weights.energy * energy_share * ranks, forces=weights.forces * force_share * ranks)
         loss = batch_loss(model, batch, scaled)
-        loss.total.backward()
-        loss_parts[0] = float(loss.total.detach())
-        loss_parts[1] = loss.energy_mse_per_atom_ev2 * energy_share
+        loss_parts[0] = loss.energy_mse_per_atom_ev2 * energy_share
         if loss.force_mse_ev2_per_angstrom2 is not None:
-            loss_parts[2] = loss.force_mse_ev2_per_angstrom2 * force_share
-            loss_parts[3] = 1.0
-    gradients = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in parameters]
-    reached = torch.tensor([p.grad is not None for p in parameters], dtype=parameters[0].dtype, device=device)
-    flat = sum_across_processes(torch.cat([*gradients, reached, loss_parts.to(device, parameters[0].dtype)]))
-    offset = 0
-    for parameter, was_reached in zip(parameters, flat[-4 - len(parameters) : -4]):
-        size = parameter.numel()
-        parameter.grad = flat[offset : offset + size].view_as(parameter).clone() if was_reached > 0 else None
-        offset += size
-    total, energy, force, force_used = flat[-4:].tolist()
-    return BatchLoss(torch.tensor(total), energy, force if force_used > 0 else None)
+            loss_parts[1:] = torch.tensor([loss.force_mse_ev2_per_angstrom2 * force_share, 1.0])
+        loss.total.backward()
+    else:
+        model(batch, forces=False).residual_energy_ev.sum().backward()  # zero loss, joins the all-reduce
+    energy, force, force_used = sum_across_processes(loss_parts).tolist()
+    force = force if force_used > 0 else None
+    total = weights.energy * energy + (weights.forces * force if force is not None else 0.0)
+    return BatchLoss(torch.tensor(total), energy, force)

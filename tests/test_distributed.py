@@ -1,13 +1,15 @@
 """Distributed pre-training on 2 CPU processes (gloo) gives the single-process weights.
 
 The test launches this file under torchrun (2 processes); each process pre-trains with
-`joint`, `multihead` (data parallel, uneven shards: batches of 7 cut 4 + 3) and `reptile`
-(task parallel, m = 2 tasks per meta-step), and resumes a 1-epoch joint run to 2 epochs.
+`joint`, `multihead` (data parallel with DistributedDataParallel, uneven shards: batches of
+7 cut 4 + 3, and batches of 1 that leave one rank an empty shard) and `reptile` (task
+parallel, m = 2 tasks per meta-step), and resumes a 1-epoch joint run to 2 epochs.
 Rank 0's checkpoints must match serial runs with the same seeds to float64 round-off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,10 +31,12 @@ DATA_DIR = Path(__file__).parent / "data"
 MODEL = ModelSection(n_features=8, n_sensitivities=4, n_interaction_layers=1, n_atom_layers=1, cutoff_angstrom=5.0, dtype="float64", seed=1)
 SETTINGS = TrainingSettings(batch_size=7, learning_rate=1e-3, progress=False, checkpoint_interval_seconds=0)
 REPTILE = ReptileSettings(inner_steps=2, tasks_per_meta_step=2, inner_learning_rate=3e-3, epsilon_start=0.9, epsilon_end=0.3)
-RUNS = {  # name: (strategy, gradient steps, steps per epoch)
-    "joint": ("joint", 8, 4),
-    "multihead": ("multihead", 8, 4),
-    "reptile": ("reptile", 16, 8),
+RUNS = {  # name: (strategy, gradient steps, steps per epoch, batch size)
+    "joint": ("joint", 8, 4, 7),
+    "multihead": ("multihead", 8, 4, 7),
+    "reptile": ("reptile", 16, 8, 7),
+    # 30 structures a level in batches of 29: every second batch has 1 structure, and rank 1's shard is empty
+    "joint-empty-shards": ("joint", 6, 3, 29),
 }
 
 
@@ -44,10 +48,11 @@ def level_splits() -> dict[str, LevelSplit]:
 
 
 def run(name: str, run_dir: Path, epochs: int | None = None, resume: bool = False) -> None:
-    strategy, steps, per_epoch = RUNS[name]
+    strategy, steps, per_epoch, batch_size = RUNS[name]
     torch.manual_seed(7)  # new heads (multihead) draw from the global generator
     budget = PretrainBudget(gradient_steps=steps if epochs is None else epochs * per_epoch, steps_per_epoch=per_epoch, reptile=REPTILE)
-    pretrain(get_strategy(strategy), level_splits(), [1, 6, 8], MODEL, SETTINGS, budget, run_dir, resume=resume)
+    settings = dataclasses.replace(SETTINGS, batch_size=batch_size)
+    pretrain(get_strategy(strategy), level_splits(), [1, 6, 8], MODEL, settings, budget, run_dir, resume=resume)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

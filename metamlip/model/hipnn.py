@@ -75,7 +75,7 @@ class Interaction(nn.Module):
         neighbour_features = features[neighbour_index]
         environment = sensitivities.transpose(1, 2) @ neighbour_features
         weights = self.int_weights.permute(0, 2, 1).reshape(self.n_sensitivities * self.n_in, -1)
-        return environment.reshape(n_atoms, -1) @ weights + self.selfint(features)
+        return environment.reshape(n_atoms, self.n_sensitivities * self.n_in) @ weights + self.selfint(features)
 
 
 class Residual(nn.Module):

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from metamlip import distributed
@@ -86,21 +87,21 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Batch],
     weights: LossWeights,
-    data_parallel: bool = False,
+    parallel_model: DistributedDataParallel | None = None,
 ) -> dict[str, float]:
     """One optimiser step per batch; returns the mean loss parts over the steps.
 
-    With `data_parallel` each batch is this process's shard of a global batch, and the
-    gradients (and the returned loss parts) are those of the global batch
-    (`metamlip.distributed.data_parallel_backward`).
+    With `parallel_model` (`model` wrapped by `metamlip.distributed.data_parallel_model`)
+    each batch is this process's shard of a global batch, and the gradients (and the
+    returned loss parts) are those of the global batch.
     """
     model.train()
     totals = {"loss": 0.0, "energy_mse_per_atom_ev2": 0.0, "force_mse_ev2_per_angstrom2": 0.0}
     steps = force_steps = 0
     for batch in batches:
-        if data_parallel:
+        if parallel_model is not None:
             optimizer.zero_grad(set_to_none=True)
-            loss = distributed.data_parallel_backward(model, batch, weights)
+            loss = distributed.data_parallel_backward(parallel_model, batch, weights)
         else:
             loss = batch_loss(model, batch, weights)
             optimizer.zero_grad(set_to_none=True)
@@ -159,6 +160,7 @@ class MixedBatchEpochs:
     settings: TrainingSettings
     steps_per_epoch: int | None = None
     task_sampling: str = "size"
+    parallel_model: DistributedDataParallel | None = field(default=None, init=False, repr=False)
 
     def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
         return torch.optim.Adam(parameters, lr=settings.learning_rate, fused=True)
@@ -180,7 +182,9 @@ class MixedBatchEpochs:
             yield next(streams[task_index])
 
     def run_epoch(self, model: Potential, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
-        return train_steps(model, optimizer, self.epoch_batches(epoch), self.settings.loss, distributed.world_size() > 1)
+        if distributed.world_size() > 1 and (self.parallel_model is None or self.parallel_model.module is not model):
+            self.parallel_model = distributed.data_parallel_model(model)
+        return train_steps(model, optimizer, self.epoch_batches(epoch), self.settings.loss, self.parallel_model)
 
 
 def validation_loss(model: Potential, tasks: list[Task], weights: LossWeights, batch_size: int = 64) -> dict[str, float]:
