@@ -9,10 +9,13 @@ that path's own:
 - pack:   `pack_release` of the file into the packed format (one-time conversion);
 - packed: `PackedLevel` + `PackedBatcher` (memory maps, pairs computed per batch with vesin).
 
-Each training path fits the energy reference and then runs `--batches` training steps (a fixed
-number of batches of one shuffled epoch, not a whole epoch) of the default HIP-NN model.
+Each training path fits the energy reference and then runs `--batches` training steps (the
+first batches of one shuffled epoch) of the default HIP-NN model, or with `--batches 0` one whole
+shuffled epoch. Besides the peak RSS, each path reports its resident memory at the end split into
+anonymous (heap) and file-backed (memory-mapped, reclaimable) pages.
 
     python benchmarks/bench_out_of_core.py --conformers 1000000 --batches 300
+    python benchmarks/bench_out_of_core.py --conformers 1000000 --batches 0 --paths pack,packed,memory
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def resident_mb() -> dict:
+    """This process's resident memory now (Linux /proc): anonymous and file-backed pages, MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {f"{name.lower()}_mb": int(fields[name].split()[0]) / 1024.0 for name in ("RssAnon", "RssFile") if name in fields}
+
+
 def train(batcher, dataset, batches: int) -> dict:
     from metamlip.config import ModelSection
     from metamlip.data.references import EnergyReference
@@ -68,9 +77,12 @@ def train(batcher, dataset, batches: int) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     stream = endless_batches(batcher, 32, 0)
     train_steps(model, optimizer, (next(stream) for _ in range(5)), LossWeights())  # warm-up
+    epoch = batcher.batches(32, seed=1) if batches == 0 else (next(stream) for _ in range(batches))
+    batches = batches or -(-len(batcher) // 32)
     started = time.perf_counter()
-    train_steps(model, optimizer, (next(stream) for _ in range(batches)), LossWeights())
-    return {"batches_per_second": batches / (time.perf_counter() - started)}
+    train_steps(model, optimizer, epoch, LossWeights())
+    seconds = time.perf_counter() - started
+    return {"batches": batches, "train_seconds": seconds, "batches_per_second": batches / seconds}
 
 
 def child(mode: str, file: Path, packed: Path, batches: int) -> dict:
@@ -95,13 +107,13 @@ def child(mode: str, file: Path, packed: Path, batches: int) -> dict:
         dataset = PackedLevel.open(packed / level_folder_name(LEVEL))
         batcher = PackedBatcher(dataset, [int(z) for z in ELEMENTS], 6.5)
     setup = time.perf_counter() - started
-    return {"setup_seconds": setup, **train(batcher, dataset, batches), "peak_rss_mb": peak_rss_mb()}
+    return {"setup_seconds": setup, **train(batcher, dataset, batches), "peak_rss_mb": peak_rss_mb(), **resident_mb()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conformers", type=int, default=1_000_000)
-    parser.add_argument("--batches", type=int, default=300, help="training batches (of 32) timed per path")
+    parser.add_argument("--batches", type=int, default=300, help="training batches (of 32) timed per path; 0: one whole epoch")
     parser.add_argument("--paths", default="memory,pack,packed", help="which paths to run, in order")
     parser.add_argument("--workdir", default=None, help="folder for the files (default: a temporary one)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "FILE", "PACKED"), help=argparse.SUPPRESS)

@@ -22,8 +22,8 @@ from metamlip.model.hipnn import HipnnConfig
 @dataclass
 class DataSource:
     """One file of labelled structures (see `metamlip.readers.read_dataset`), or, with
-    ``format: packed``, one packed level folder written by `metamlip pack` (read lazily by
-    `metamlip pretrain` only; see `metamlip.data.packed.open_packed`: only `levels` applies)."""
+    ``format: packed``, one packed level folder written by `metamlip pack`, opened lazily
+    (`metamlip.data.sources`; only `levels` applies)."""
 
     path: str = ""
     format: str | None = None

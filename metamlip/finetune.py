@@ -8,14 +8,14 @@ from pathlib import Path
 
 from metamlip import distributed
 from metamlip.config import SplitConfig
-from metamlip.data.batching import StructureBatcher
-from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.batching import Batcher
+from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.references import EnergyReference
+from metamlip.data.sources import read_source_level
 from metamlip.errors import InputError
 from metamlip.evaluation.metrics import ErrorMetrics, evaluate
 from metamlip.experiment.config import FinetuneConfig
 from metamlip.model.potential import Potential
-from metamlip.readers import read_level
 from metamlip.strategies import Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
@@ -43,8 +43,8 @@ class FinetuneOptions:
 def finetune(
     pretrained: Potential,
     strategy: Strategy,
-    train: LevelDataset,
-    validation: LevelDataset,
+    train: LevelData,
+    validation: LevelData,
     settings: TrainingSettings,
     run_dir: str | Path,
     options: FinetuneOptions = FinetuneOptions(),
@@ -68,8 +68,8 @@ def finetune(
             parameter.requires_grad_(False)
     dtype = next(model.parameters()).dtype
 
-    def batcher(dataset: LevelDataset) -> StructureBatcher:
-        return StructureBatcher(dataset, model.species, model.config.cutoff_angstrom, dtype)
+    def batcher(dataset: LevelData) -> Batcher:
+        return make_batcher(dataset, model.species, model.config.cutoff_angstrom, dtype)
 
     task = Task(level, batcher(train), batcher(validation) if len(validation) else None)
     result = fit(model, MixedBatchEpochs([task], settings), [task], settings, run_dir)
@@ -85,7 +85,7 @@ def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
     payload = read_checkpoint(config.checkpoint)
     pretrained = model_from_checkpoint(payload)
     strategy = get_strategy(payload["extra"].get("strategy", "joint"))
-    target = read_level(config.dataset.path, **config.dataset.reader_options())
+    target = read_source_level(config.dataset)
     n_validation = config.n_validation if config.n_validation is not None else max(2, round(0.2 * config.n_finetune))
     split = SplitConfig(seed=config.split_seed, train=config.n_finetune, validation=n_validation, test=config.n_test)
     parts = split_dataset(target, split)
@@ -97,5 +97,5 @@ def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
     distributed.barrier()
     metrics = None
     if len(parts.test):
-        metrics = evaluate(model, StructureBatcher(parts.test, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype))
+        metrics = evaluate(model, make_batcher(parts.test, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype))
     return run_dir / "model.pt", metrics

@@ -6,18 +6,17 @@ import dataclasses
 from pathlib import Path
 
 from metamlip import distributed
-from metamlip.config import DataSource, ModelSection
+from metamlip.config import ModelSection
 from metamlip.data.batching import Batcher
 from metamlip.data.lazy_batching import LevelData, make_batcher
-from metamlip.data.packed import open_packed
 from metamlip.data.references import EnergyReference
+from metamlip.data.sources import read_sources
 from metamlip.experiment.config import PretrainConfig
 from metamlip.model.potential import Potential
-from metamlip.readers import read_dataset
 from metamlip.strategies import PretrainBudget, Strategy, get_strategy
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import FitResult, Task, TrainingSettings, fit
-from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, read_sources, training_settings, validation_splits
+from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, training_settings, validation_splits
 
 
 def level_tasks(model: Potential, splits: dict[str, LevelSplit], cutoff_angstrom: float, dtype) -> list[Task]:
@@ -30,16 +29,6 @@ def level_tasks(model: Potential, splits: dict[str, LevelSplit], cutoff_angstrom
         Task(level, batcher(split.train), batcher(split.validation) if len(split.validation) else None)
         for level, split in splits.items()
     ]
-
-
-def read_source(source: DataSource) -> list[LevelData]:
-    """The levels of one configured source: a packed level folder (``format: packed``) opened
-    lazily, any other file read into memory by `read_dataset`."""
-    options = source.reader_options()
-    if str(options["format"] or "").strip().lower() == "packed":
-        del options["format"]
-        return open_packed(source.path, **options)
-    return read_dataset(source.path, **options)
 
 
 def pretrain(
@@ -78,7 +67,7 @@ def pretrain(
 def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
     """`metamlip pretrain`: read (or open packed) levels, split off validation, pre-train, save OUTPUT_DIR/model.pt."""
     strategy = get_strategy(config.strategy)
-    levels = read_sources(config.datasets, config.levels, read_source)
+    levels = read_sources(config.datasets, config.levels)
     splits = validation_splits(levels, config.pretrain.validation_fraction, config.split_seed)
     elements = sorted({z for dataset in levels.values() for z in dataset.elements})
     settings = training_settings(config.pretrain.training)

@@ -194,5 +194,116 @@ def test_packed_source_options_are_checked(synthetic_release):
         open_packed(folder, levels=["hf/cc-pvdz"])
     with pytest.raises(InputError, match=r"\['energy_unit'\] do not apply"):
         open_packed(folder, energy_unit="kcal/mol")
-    with pytest.raises(InputError, match="read lazily by `metamlip pretrain`"):
+    with pytest.raises(InputError, match="opened lazily from a config"):
         read_dataset(folder, format="packed")
+
+
+# --- every command that reads configured data accepts packed levels ----------------------------
+
+TARGET = "wb97x/def2-tzvpp"
+SMALL_MODEL = {"n_features": 8, "n_sensitivities": 4, "n_interaction_layers": 1, "n_atom_layers": 1, "cutoff_angstrom": 5.0, "seed": 2}
+QUIET = {"batch_size": 4, "progress": False, "checkpoint_interval_seconds": 1000.0}
+
+
+@pytest.fixture(scope="module")
+def packed_target(data_dir, tmp_path_factory) -> tuple[dict, dict]:
+    """The real ANI-1x sample's wB97X/def2-TZVPP level (8 conformers, forces) as
+    (packed source, the same level read into memory)."""
+    path = data_dir / "ani1x_release_sample.h5"
+    folder = pack_release(path, tmp_path_factory.mktemp("target"), levels=[TARGET])[TARGET]
+    return {"path": str(folder), "format": "packed"}, {"path": str(path), "levels": [TARGET]}
+
+
+def write_yaml(tmp_path, name: str, config: dict) -> str:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+def assert_same_model(first_path, second_path) -> None:
+    first, second = (torch.load(path, weights_only=True) for path in (first_path, second_path))
+    assert first["model"] == second["model"]
+    for name, tensor in first["state_dict"].items():
+        torch.testing.assert_close(tensor, second["state_dict"][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_train_command_on_a_packed_folder_equals_training_in_memory(synthetic_release, tmp_path):
+    import json
+
+    from metamlip.cli.main import main
+
+    path, folder = synthetic_release
+    sources = {"packed": {"path": str(folder), "format": "packed"}, "memory": {"path": str(path)}}
+    for name, source in sources.items():
+        config = {"datasets": [source], "split": {"seed": 1, "train": 0.6, "validation": 0.2}, "model": SMALL_MODEL,
+                  "training": {**QUIET, "batch_size": 16, "max_epochs": 2}, "output_dir": str(tmp_path / name)}
+        assert main(["train", write_yaml(tmp_path, name, config)]) == 0
+    assert_same_model(tmp_path / "packed" / "model.pt", tmp_path / "memory" / "model.pt")
+    packed, memory = (json.loads((tmp_path / name / "test_metrics.json").read_text())[LEVEL] for name in sources)
+    assert packed["n_structures"] == memory["n_structures"] == 48
+    for key, value in memory.items():
+        assert packed[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_finetune_and_evaluate_commands_on_a_packed_target_equal_in_memory(synthetic_release, packed_target, tmp_path, capsys):
+    from metamlip.cli.main import main
+
+    _, folder = synthetic_release
+    pretrain_config = write_pretrain_config(tmp_path, "pretrained", [{"path": str(folder), "format": "packed"}], "joint")
+    assert main(["pretrain", pretrain_config]) == 0
+    for name, source in zip(("packed", "memory"), packed_target):
+        config = {"checkpoint": str(tmp_path / "pretrained" / "model.pt"), "dataset": source, "n_finetune": 4, "n_validation": 2,
+                  "n_test": 2, "training": {**QUIET, "max_epochs": 3}, "output_dir": str(tmp_path / name)}
+        assert main(["finetune", write_yaml(tmp_path, f"finetune-{name}", config)]) == 0
+    assert_same_model(tmp_path / "packed" / "model.pt", tmp_path / "memory" / "model.pt")
+    capsys.readouterr()
+    packed_source, memory_source = packed_target
+    tables = []
+    for arguments in (["--format", "packed", packed_source["path"]], [memory_source["path"]]):
+        assert main(["evaluate", str(tmp_path / "packed" / "model.pt"), *arguments, "--model-level", TARGET]) == 0
+        tables.append([line for line in capsys.readouterr().out.splitlines() if line.startswith(TARGET)])
+    assert len(tables[0]) == 1 and tables[0] == tables[1]  # the file in memory holds more levels; its TARGET row is the same
+
+
+def test_experiment_on_packed_levels_equals_experiment_in_memory(synthetic_release, packed_target, tmp_path):
+    from metamlip.config import load_config
+    from metamlip.experiment.config import ExperimentConfig
+    from metamlip.experiment.run import run_experiment
+
+    path, folder = synthetic_release
+    sources = {"packed": [{"path": str(folder), "format": "packed"}, packed_target[0]], "memory": [{"path": str(path)}, packed_target[1]]}
+    results = {}
+    for name, datasets in sources.items():
+        config = {
+            "datasets": datasets, "pretrain_levels": [LEVEL], "target_level": TARGET, "strategies": ["scratch", "joint"], "n_test": 2,
+            "model": SMALL_MODEL,
+            "pretrain": {"gradient_steps": 4, "steps_per_epoch": 2, "training": QUIET},
+            "finetune": {"n_finetune": [4], "seeds": 1, "training": {**QUIET, "max_epochs": 2}},
+            "threads": 1, "output_dir": str(tmp_path / name),
+        }
+        results[name] = run_experiment(load_config(write_yaml(tmp_path, name, config), ExperimentConfig))
+    packed, memory = (sorted(results[name]["records"], key=lambda record: record["strategy"]) for name in sources)
+    assert [record["strategy"] for record in packed] == ["joint", "scratch"]
+    for first, second in zip(packed, memory):
+        assert first["energy_mae_ev"]["mean"] == pytest.approx(second["energy_mae_ev"]["mean"], rel=1e-6)
+        assert first["force_mae_ev_per_angstrom"]["mean"] == pytest.approx(second["force_mae_ev_per_angstrom"]["mean"], rel=1e-6)
+
+
+def test_packing_some_levels_reads_only_their_label_keys(data_dir, tmp_path, monkeypatch):
+    import metamlip.readers.ani1x_release as release
+
+    read_keys = set()
+    original = release._values
+
+    def recording(name, group, key, shape):
+        read_keys.add(key)
+        return original(name, group, key, shape)
+
+    monkeypatch.setattr(release, "_values", recording)
+    folders = pack_release(data_dir / "ani1x_release_sample.h5", tmp_path, levels=[LEVEL, "mp2/cc-pvdz"])
+    assert sorted(folders) == ["mp2/cc-pvdz", LEVEL]
+    assert read_keys == {"wb97x_dz.energy", "wb97x_dz.forces", "hf_dz.energy", "mp2_dz.corr_energy"}
+    (in_memory,) = read_dataset(data_dir / "ani1x_release_sample.h5", levels=["mp2/cc-pvdz"])
+    np.testing.assert_array_equal(PackedLevel.open(folders["mp2/cc-pvdz"]).energies_ev, in_memory.energies_ev)

@@ -6,19 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from metamlip.data.batching import StructureBatcher
+from metamlip.config import DataSource
+from metamlip.data.lazy_batching import make_batcher
+from metamlip.data.sources import read_source
 from metamlip.evaluation.metrics import error_metrics, predict
 from metamlip.evaluation.parity import plot_parity
 from metamlip.evaluation.table import format_metrics_table
-from metamlip.readers import read_dataset
 from metamlip.training.checkpoint import load_potential
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="errors of a trained potential on labelled structures")
     parser.add_argument("checkpoint", help="model file written by train/finetune (model.pt)")
-    parser.add_argument("data", help="labelled structures (any format metamlip reads)")
-    parser.add_argument("--format", help="file format (default: detected)")
+    parser.add_argument("data", help="labelled structures (any format metamlip reads, or a packed level folder)")
+    parser.add_argument("--format", help="file format (default: detected; 'packed' for a `metamlip pack` folder)")
     parser.add_argument("--data-level", help="level of theory of DATA when the file does not say")
     parser.add_argument("--energy-unit", help="energy unit of DATA when the file does not say")
     parser.add_argument("--length-unit", help="length unit of DATA when the file does not say")
@@ -30,13 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_potential(args.checkpoint)
-    datasets = read_dataset(
-        args.data, format=args.format, level=args.data_level, energy_unit=args.energy_unit, length_unit=args.length_unit
-    )
+    source = DataSource(args.data, args.format, args.data_level, energy_unit=args.energy_unit, length_unit=args.length_unit)
+    datasets = read_source(source)
     metrics = {}
     for dataset in datasets:
         model_level = model.resolve_level(args.model_level or (dataset.level if dataset.level in model.levels else None))
-        batcher = StructureBatcher(dataset, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype)
+        batcher = make_batcher(dataset, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype)
         predictions = predict(model, batcher, level=model_level)
         metrics[dataset.level] = error_metrics(predictions)
         if args.out:

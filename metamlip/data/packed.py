@@ -34,7 +34,7 @@ from metamlip.data.batching import _ranges
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
-from metamlip.readers.ani1x_release import read_release
+from metamlip.readers.ani1x_release import read_release, release_levels
 from metamlip.readers.hdf5 import groups_with, open_hdf5
 from metamlip.readers.options import ReadOptions, check_levels_found
 
@@ -111,17 +111,20 @@ def pack_release(
 ) -> dict[str, Path]:
     """Convert an ANI-1x release-layout HDF5 file into one packed folder per level, group by group.
 
-    Returns {level: folder}. Structures with NaN labels are dropped per level, as `read_dataset` does.
+    Returns {level: folder}. Only the label keys of the requested `levels` (default: all) are
+    read. Structures with NaN labels are dropped per level, as `read_dataset` does.
     """
     path, out_dir = Path(path), Path(out_dir)
     wanted = None if levels is None else tuple(normalise_level(level) for level in levels)
-    options = ReadOptions(energy_unit=energy_unit, length_unit=length_unit)
     writers: dict[str, _LevelWriter] = {}
     with open_hdf5(path) as file:
         for group in groups_with(file, "coordinates"):
+            present = release_levels(path, group)
+            levels_here = tuple(level for level in present if wanted is None or level in wanted)
+            if not levels_here:
+                continue
+            options = ReadOptions(levels=levels_here, energy_unit=energy_unit, length_unit=length_unit)
             for dataset in read_release(group, path, options):
-                if wanted is not None and dataset.level not in wanted:
-                    continue
                 if dataset.level not in writers:
                     folder = out_dir / level_folder_name(dataset.level)
                     if folder.exists():
@@ -188,6 +191,13 @@ class PackedLevel:
     def energies_ev(self) -> np.ndarray:
         """(n_structures,) float64 total energies of this view (read into memory: 8 bytes each)."""
         return self.energies_of(np.arange(len(self)))
+
+    @property
+    def forces_ev_per_angstrom(self) -> np.ndarray | None:
+        """(n_atoms of this view, 3) float64 forces, read into memory (for evaluating a test set)."""
+        if not self.has_forces:
+            return None
+        return self.atoms("forces_ev_per_angstrom", _ranges(self.atom_starts(np.arange(len(self))), self.n_atoms))
 
     def energies_of(self, indices: np.ndarray) -> np.ndarray:
         """(len(indices),) float64 total energies of structures `indices` of this view, eV."""

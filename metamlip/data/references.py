@@ -32,15 +32,18 @@ class EnergyReference:
         """Least-squares e_Z (eV) on element counts; a level with a single composition
         gets the mean energy per atom for every element it contains. A packed level (or view)
         is counted from its atomic-number file, chunk by chunk."""
-        counts = dataset.composition_matrix(elements)
-        energies = dataset.energies_ev
+        return cls.from_counts(dataset.level, elements, dataset.composition_matrix(elements), dataset.energies_ev)
+
+    @classmethod
+    def from_counts(cls, level: str, elements: list[int], counts: np.ndarray, energies: np.ndarray) -> EnergyReference:
+        """The fit of `fit` on an (n_structures, n_elements) count matrix and (n_structures,) energies in eV."""
         if len(np.unique(counts, axis=0)) <= 1:
             per_atom = float(np.mean(energies / counts.sum(axis=1))) if len(energies) else 0.0
             energy_per_element = np.where(counts[:1].sum(axis=0) > 0, per_atom, 0.0) if len(counts) else np.zeros(len(elements))
         else:
             energy_per_element, *_ = np.linalg.lstsq(counts, energies, rcond=None)
             energy_per_element = np.where(counts.sum(axis=0) > 0, energy_per_element, 0.0)
-        return cls(dataset.level, list(elements), np.asarray(energy_per_element, dtype=np.float64))
+        return cls(level, list(elements), np.asarray(energy_per_element, dtype=np.float64))
 
     def energies_ev(self, counts: np.ndarray) -> np.ndarray:
         """(n_structures,) reference energies for an (n_structures, n_elements) count matrix."""

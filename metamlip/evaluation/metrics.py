@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from metamlip.data.batching import StructureBatcher
+from metamlip.data.batching import Batcher
 from metamlip.model.potential import Potential
 from metamlip.units import EV_TO_KCAL_PER_MOL
 
@@ -55,7 +55,7 @@ class ErrorMetrics:
         return converted
 
 
-def predict(model: Potential, batcher: StructureBatcher, level: str | None = None, batch_size: int = 64) -> Predictions:
+def predict(model: Potential, batcher: Batcher, level: str | None = None, batch_size: int = 64) -> Predictions:
     """Energies and forces of every structure of the batcher's dataset, in dataset order."""
     energies, forces = [], []
     with_forces = batcher.dataset.has_forces
@@ -93,7 +93,7 @@ def error_metrics(predictions: Predictions) -> ErrorMetrics:
     )
 
 
-def evaluate(model: Potential, batcher: StructureBatcher, level: str | None = None) -> ErrorMetrics:
+def evaluate(model: Potential, batcher: Batcher, level: str | None = None) -> ErrorMetrics:
     """Error metrics of `model` on the batcher's dataset (at `level`, default the dataset's)."""
     with torch.inference_mode(False):
         return error_metrics(predict(model, batcher, level))

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from metamlip import __version__
-from metamlip.data.batching import StructureBatcher
-from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.lazy_batching import LevelData, make_batcher
+from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
 from metamlip.evaluation.metrics import evaluate
 from metamlip.experiment.config import ExperimentConfig
@@ -31,12 +31,12 @@ from metamlip.model.potential import Potential
 from metamlip.pretrain import pretrain
 from metamlip.strategies import Strategy, get_strategy
 from metamlip.training.checkpoint import load_potential, save_checkpoint
-from metamlip.training.run_training import LevelSplit, read_sources, training_settings, validation_splits
+from metamlip.training.run_training import LevelSplit, training_settings, validation_splits
 
 log = logging.getLogger("metamlip.experiment")
 
 
-def read_experiment_levels(config: ExperimentConfig) -> dict[str, LevelDataset]:
+def read_experiment_levels(config: ExperimentConfig) -> dict[str, LevelData]:
     """Every level named by the config, read from its datasets; errors before any training."""
     for name in config.strategies:
         get_strategy(name)
@@ -50,7 +50,7 @@ def read_experiment_levels(config: ExperimentConfig) -> dict[str, LevelDataset]:
     return read_sources(config.datasets, wanted)
 
 
-def hold_out_target(target: LevelDataset, n_test: int, seed: int) -> tuple[LevelDataset, LevelDataset]:
+def hold_out_target(target: LevelData, n_test: int, seed: int) -> tuple[LevelData, LevelData]:
     """(test set, pool for fine-tuning): a seeded permutation, the first `n_test` structures test."""
     if not 0 < n_test < len(target):
         raise InputError(f"n_test {n_test} must be between 1 and {len(target) - 1} for {len(target)} target structures")
@@ -58,7 +58,7 @@ def hold_out_target(target: LevelDataset, n_test: int, seed: int) -> tuple[Level
     return target.subset(order[:n_test]), target.subset(order[n_test:])
 
 
-def finetune_subsets(pool: LevelDataset, n_finetune: int, n_validation: int, seed: int) -> tuple[LevelDataset, LevelDataset]:
+def finetune_subsets(pool: LevelData, n_finetune: int, n_validation: int, seed: int) -> tuple[LevelData, LevelData]:
     """N training and V validation structures drawn from the pool with `seed` (same for every strategy)."""
     if n_finetune + n_validation > len(pool):
         raise InputError(f"n_finetune {n_finetune} + validation {n_validation} exceed the {len(pool)} target structures left for fine-tuning")
@@ -105,8 +105,8 @@ class ExperimentData:
     pre-training splits, the elements and the reference scans."""
 
     target_level: str
-    test: LevelDataset
-    pool: LevelDataset
+    test: LevelData
+    pool: LevelData
     pretrain_splits: dict[str, LevelSplit]
     elements: list[int]
     scan_references: list[ScanReference]
@@ -142,7 +142,7 @@ def run_strategy(config: ExperimentConfig, data: ExperimentData, name: str) -> l
             run_dir = out_dir / "runs" / f"finetune-{name}-n{n_finetune}-seed{seed}"
             model, fit_result = finetune(base, strategy, train, validation, settings, run_dir, options)
             dtype = next(model.parameters()).dtype
-            metrics = evaluate(model, StructureBatcher(data.test, model.species, model.config.cutoff_angstrom, dtype))
+            metrics = evaluate(model, make_batcher(data.test, model.species, model.config.cutoff_angstrom, dtype))
             scans = {reference.name: scan_model(model, reference, data.target_level) for reference in data.scan_references}
             records.append(FinetuneRecord(name, n_finetune, seed, metrics, scans, fit_result.epochs_run, fit_result.wall_seconds))
             log.info("%s N=%d seed=%d: test energy MAE %.4f eV", name, n_finetune, seed, metrics.energy_mae_ev)

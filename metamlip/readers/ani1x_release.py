@@ -106,6 +106,11 @@ def read_release(file: h5py.File, path: Path, options: ReadOptions) -> list[Leve
     return [build_dataset(level, level_blocks, str(path)) for level, level_blocks in blocks.items()]
 
 
+def release_levels(path: Path, group: h5py.Group) -> list[str]:
+    """The levels whose label keys `group` holds (normalised names)."""
+    return [label.level for label in _labels_in(path, set(group.keys()))]
+
+
 def _labels_in(path: Path, keys: set[str]) -> list[_Label]:
     """The levels that the label keys of the file make up (see the module docstring)."""
     labels = []

@@ -54,8 +54,8 @@ def read_dataset(
     structures dropped for NaN labels.
     """
     if format is not None and format.strip().lower() == "packed":
-        raise InputError(f"{path}: format 'packed' (a `metamlip pack` folder) is read lazily by `metamlip pretrain` "
-                         "or `metamlip.data.packed.open_packed`, not into memory by this command")
+        raise InputError(f"{path}: format 'packed' (a `metamlip pack` folder) is opened lazily from a config's `datasets` "
+                         "entry or by `metamlip.data.packed.open_packed`, not read into memory by this command")
     path = require_file(path)
     options = ReadOptions(
         level=level,

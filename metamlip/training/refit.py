@@ -9,20 +9,18 @@ exactly; nothing but training data is used.
 
 from __future__ import annotations
 
-import dataclasses
-
-from metamlip.data.batching import StructureBatcher
+from metamlip.data.batching import Batcher
 from metamlip.data.references import EnergyReference
 from metamlip.evaluation.metrics import predict
 from metamlip.model.potential import Potential
 
 
-def refit_reference(model: Potential, train: StructureBatcher, level: str) -> EnergyReference:
+def refit_reference(model: Potential, train: Batcher, level: str) -> EnergyReference:
     """Replace `level`'s reference in `model` by the least-squares fit of the labels minus the
     network's residual energies on the `train` structures; returns the new reference."""
     dataset = train.dataset
-    old_reference_ev = model.references[level].energies_ev(dataset.composition_matrix(model.species))
-    network_ev = predict(model, train, level=level).predicted_energies_ev - old_reference_ev
-    reference = EnergyReference.fit(dataclasses.replace(dataset, energies_ev=dataset.energies_ev - network_ev), model.species)
+    counts = dataset.composition_matrix(model.species)
+    network_ev = predict(model, train, level=level).predicted_energies_ev - model.references[level].energies_ev(counts)
+    reference = EnergyReference.from_counts(level, model.species, counts, dataset.energies_ev - network_ev)
     model.add_level(reference, model.level_heads[level])
     return reference

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from metamlip.config import DataSource, ModelSection, SplitConfig, TrainConfig, TrainingSection
-from metamlip.data.batching import StructureBatcher
-from metamlip.data.level_dataset import LevelDataset
+from metamlip.config import ModelSection, SplitConfig, TrainConfig, TrainingSection
+from metamlip.data.batching import Batcher
+from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.references import EnergyReference
+from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
 from metamlip.evaluation.metrics import ErrorMetrics, error_metrics, predict
 from metamlip.evaluation.parity import plot_parity
-from metamlip.levels import normalise_level
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import Potential, build_potential
-from metamlip.readers import read_dataset
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loss import LossWeights
@@ -34,9 +32,9 @@ log = logging.getLogger("metamlip.training")
 class LevelSplit:
     """The three parts of one level's data."""
 
-    train: LevelDataset
-    validation: LevelDataset
-    test: LevelDataset
+    train: LevelData
+    validation: LevelData
+    test: LevelData
 
 
 @dataclass
@@ -66,7 +64,7 @@ def split_counts(n_structures: int, split: SplitConfig) -> tuple[int, int, int]:
     return n_train, n_validation, n_test
 
 
-def split_dataset(dataset: LevelDataset, split: SplitConfig) -> LevelSplit:
+def split_dataset(dataset: LevelData, split: SplitConfig) -> LevelSplit:
     """Seeded permutation; the first structures train, the next validate, the rest test."""
     n_train, n_validation, n_test = split_counts(len(dataset), split)
     order = np.random.RandomState(split.seed).permutation(len(dataset))
@@ -95,31 +93,7 @@ def new_potential(section: ModelSection, elements: list[int]) -> Potential:
     return build_potential(elements, HipnnConfig(**shape), seed=section.seed, dtype=model_dtype(section))
 
 
-def read_sources(
-    sources: list[DataSource], wanted: list[str] | None = None, read: Callable[[DataSource], list] | None = None
-) -> dict[str, LevelDataset]:
-    """The levels of the configured sources, by normalised name: all of them, or the `wanted` ones
-    in that order. A level found in two sources, or a wanted level found nowhere, is an InputError.
-    `read` turns one source into its levels (default: `read_dataset` into memory)."""
-    if not sources:
-        raise InputError("config key 'datasets' lists no data")
-    read = read or (lambda source: read_dataset(source.path, **source.reader_options()))
-    found: dict[str, LevelDataset] = {}
-    for source in sources:
-        for dataset in read(source):
-            if dataset.level in found:
-                raise InputError(f"level {dataset.level!r} comes from both {found[dataset.level].source} and {dataset.source}")
-            found[dataset.level] = dataset
-    if wanted is None:
-        return found
-    names = [normalise_level(level) for level in wanted]
-    missing = [level for level in names if level not in found]
-    if missing:
-        raise InputError(f"levels {missing} are in none of the datasets; the datasets hold {sorted(found)}")
-    return {level: found[level] for level in names}
-
-
-def validation_splits(levels: dict[str, LevelDataset], fraction: float, seed: int) -> dict[str, LevelSplit]:
+def validation_splits(levels: dict[str, LevelData], fraction: float, seed: int) -> dict[str, LevelSplit]:
     """Each level split into training and validation parts only (pre-training levels)."""
     split = SplitConfig(seed=seed, train=1 - fraction, validation=fraction, test=0)
     return {level: split_dataset(dataset, split) for level, dataset in levels.items()}
@@ -137,8 +111,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
         model.add_level(EnergyReference.fit(split.train, model.species))
         log.info("%s: %d train, %d validation, %d test structures", level, len(split.train), len(split.validation), len(split.test))
 
-    def batcher(dataset: LevelDataset) -> StructureBatcher:
-        return StructureBatcher(dataset, model.species, config.model.cutoff_angstrom, model_dtype(config.model))
+    def batcher(dataset: LevelData) -> Batcher:
+        return make_batcher(dataset, model.species, config.model.cutoff_angstrom, model_dtype(config.model))
 
     tasks = [Task(level, batcher(split.train), batcher(split.validation) if len(split.validation) else None) for level, split in splits.items()]
     settings = training_settings(config.training)
