@@ -48,6 +48,8 @@ def init_from_environment() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     default = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # NCCL collectives (barrier included) run on this process's own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=os.environ.get("METAMLIP_DIST_BACKEND", default))
     return dist.get_world_size() > 1
 

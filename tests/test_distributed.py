@@ -3,7 +3,7 @@
 The test launches this file under torchrun (2 processes); each process pre-trains with
 `joint`, `multihead` (data parallel with DistributedDataParallel, uneven shards: batches of
 7 cut 4 + 3, and batches of 1 that leave one rank an empty shard) and `reptile` (task
-parallel, m = 2 tasks per meta-step), and resumes a 1-epoch joint run to 2 epochs.
+parallel, m = 2 tasks per meta-step), fine-tunes (data parallel; with and without a frozen backbone), and resumes a 1-epoch joint run to 2 epochs.
 Rank 0's checkpoints must match serial runs with the same seeds to float64 round-off.
 """
 
@@ -20,12 +20,14 @@ import torch
 
 from metamlip import distributed
 from metamlip.config import ModelSection
+from metamlip.data.references import EnergyReference
+from metamlip.finetune import FinetuneOptions, finetune
 from metamlip.pretrain import pretrain
 from metamlip.readers import read_level
 from metamlip.strategies import PretrainBudget, ReptileSettings, get_strategy
 from metamlip.training.checkpoint import read_checkpoint
 from metamlip.training.loop import TrainingSettings
-from metamlip.training.run_training import LevelSplit
+from metamlip.training.run_training import LevelSplit, new_potential
 
 DATA_DIR = Path(__file__).parent / "data"
 MODEL = ModelSection(n_features=8, n_sensitivities=4, n_interaction_layers=1, n_atom_layers=1, cutoff_angstrom=5.0, dtype="float64", seed=1)
@@ -38,6 +40,7 @@ RUNS = {  # name: (strategy, gradient steps, steps per epoch, batch size)
     # 30 structures a level in batches of 29: every second batch has 1 structure, and rank 1's shard is empty
     "joint-empty-shards": ("joint", 6, 3, 29),
 }
+FINETUNES = {"finetune": False, "finetune-frozen-backbone": True}  # name: freeze_backbone
 
 
 def level_splits() -> dict[str, LevelSplit]:
@@ -55,6 +58,20 @@ def run(name: str, run_dir: Path, epochs: int | None = None, resume: bool = Fals
     pretrain(get_strategy(strategy), level_splits(), [1, 6, 8], MODEL, settings, budget, run_dir, resume=resume)
 
 
+def finetune_run(name: str, run_dir: Path) -> None:
+    """Fine-tune an untrained QM7-X-level model to ethanol (2 epochs of batches of 7: shards 4 + 3)."""
+    splits = level_splits()
+    model = new_potential(MODEL, [1, 6, 8])
+    model.add_level(EnergyReference.fit(splits["pbe0+mbd"].train, model.species))
+    target = splits["pbe+vdw-ts"]
+    settings = dataclasses.replace(SETTINGS, max_epochs=2)
+    finetune(model, get_strategy("joint"), target.train, target.validation, settings, run_dir, FinetuneOptions(freeze_backbone=FINETUNES[name]))
+
+
+def train_named(name: str, run_dir: Path) -> None:
+    finetune_run(name, run_dir) if name in FINETUNES else run(name, run_dir)
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(run_dir / "checkpoint.pt")["state_dict"]
 
@@ -63,8 +80,8 @@ def main(out: Path) -> None:
     """The torchrun side: every process runs the same calls; rank 0 writes the checkpoints."""
     torch.set_num_threads(1)
     assert distributed.init_from_environment() and distributed.world_size() == 2
-    for name in RUNS:
-        run(name, out / name)
+    for name in [*RUNS, *FINETUNES]:
+        train_named(name, out / name)
     run("joint", out / "resumed", epochs=1)
     run("joint", out / "resumed", epochs=2, resume=True)
     distributed.shutdown()
@@ -80,9 +97,9 @@ def distributed_runs(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [*RUNS, *FINETUNES])
 def test_two_processes_match_one(distributed_runs, tmp_path, name):
-    run(name, tmp_path / name)
+    train_named(name, tmp_path / name)
     serial, parallel = weights(tmp_path / name), weights(distributed_runs / name)
     assert serial.keys() == parallel.keys()
     for key in serial:
@@ -101,10 +118,8 @@ def test_distributed_resume_matches_uninterrupted(distributed_runs):
 
 def test_every_task_of_a_meta_step_starts_from_the_shared_optimiser_state():
     """The serial reference: with m = 2, k = 2 each task takes its k steps from the same Adam state."""
-    from metamlip.data.references import EnergyReference
     from metamlip.pretrain import level_tasks
     from metamlip.strategies.reptile import ReptileEpochs
-    from metamlip.training.run_training import new_potential
 
     splits = level_splits()
     model = new_potential(MODEL, [1, 6, 8])
