@@ -15,6 +15,7 @@ import torch
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.references import EnergyReference
+from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_level
@@ -103,3 +104,10 @@ def test_round_trip_through_plain_dict(qm7x: LevelDataset) -> None:
     assert restored.elements == reference.elements
     assert restored.energy_per_element_ev.dtype == np.float64
     np.testing.assert_array_equal(restored.energy_per_element_ev, reference.energy_per_element_ev)
+
+
+def test_a_reference_for_other_elements_is_a_clear_error(qm7x: LevelDataset) -> None:
+    model = build_potential(qm7x.elements, HipnnConfig(n_features=4, n_sensitivities=2, n_interaction_layers=1, n_atom_layers=1), seed=0)
+    reference = EnergyReference.fit(qm7x, [*qm7x.elements, 9])
+    with pytest.raises(InputError, match=r"level 'pbe0\+mbd': reference elements .* differ from model species"):
+        model.add_level(reference)

@@ -63,7 +63,7 @@ class Potential(nn.Module):
     def add_level(self, reference: EnergyReference, head: str = SHARED_HEAD) -> None:
         """Register a level with its reference; a new head name gets a fresh head."""
         if list(reference.elements) != self.species:
-            raise ValueError(f"reference elements {reference.elements} differ from model species {self.species}")
+            raise InputError(f"level {reference.level!r}: reference elements {reference.elements} differ from model species {self.species}")
         if head not in self.heads:
             self.add_level_head(head)
         self.references[reference.level] = reference
