@@ -41,15 +41,17 @@ def init_from_environment() -> bool:
     """Join the process group that torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
 
     Backend: gloo for CPU tensors, plus NCCL for CUDA tensors when CUDA is available
-    (``METAMLIP_DIST_BACKEND`` overrides). Returns whether this process is one of several.
+    (``METAMLIP_DIST_BACKEND`` overrides; it needs a CPU backend too, since loss sums and
+    broadcasts of settings are CPU tensors). Returns whether this process is one of several.
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     default = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():  # NCCL collectives (barrier included) run on this process's own GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank < torch.cuda.device_count():  # NCCL collectives run on this process's own GPU
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=os.environ.get("METAMLIP_DIST_BACKEND", default))
     return dist.get_world_size() > 1
 
@@ -61,9 +63,13 @@ def training_device(name: str) -> torch.device:
         return torch.device(name)
     if not torch.cuda.is_available():
         raise InputError(f"config key 'training.device' is {name!r} but PyTorch sees no CUDA device")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if name == "cuda" else torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(
+            f"config key 'training.device' is {name!r}: this process needs GPU {device.index} but PyTorch sees "
+            f"{torch.cuda.device_count()}; start at most that many processes per node (torchrun --nproc_per_node)"
+        )
+    return device
 
 
 def shutdown() -> None:

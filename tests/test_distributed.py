@@ -76,8 +76,10 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(run_dir / "checkpoint.pt")["state_dict"]
 
 
-def main(out: Path) -> None:
-    """The torchrun side: every process runs the same calls; rank 0 writes the checkpoints."""
+def main(out: Path, device: str = "cpu") -> None:
+    """The torchrun side: every process runs the same calls on `device`; rank 0 writes the checkpoints."""
+    global SETTINGS
+    SETTINGS = dataclasses.replace(SETTINGS, device=device)
     torch.set_num_threads(1)
     assert distributed.init_from_environment() and distributed.world_size() == 2
     for name in [*RUNS, *FINETUNES]:
@@ -133,4 +135,4 @@ def test_every_task_of_a_meta_step_starts_from_the_shared_optimiser_state():
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])
