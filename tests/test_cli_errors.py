@@ -108,3 +108,10 @@ def test_error_through_the_installed_command_has_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"metamlip train: error: {tmp_path / 'absent.yaml'}: no such config file"]
+
+
+def test_commands_that_do_not_run_under_torchrun_say_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["experiment", str(tmp_path / "any.yaml")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message == "metamlip experiment: error: only train, pretrain, finetune run under torchrun"

@@ -118,6 +118,35 @@ def test_distributed_resume_matches_uninterrupted(distributed_runs):
     assert len(log) == 2
 
 
+def test_train_command_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m metamlip train` writes the single-process model and test metrics."""
+    import json
+
+    import yaml
+
+    config = {
+        "datasets": [{"path": str(DATA_DIR / "md17_ethanol_dft.npz"), "energy_unit": "kcal/mol", "level": "pbe+vdw-ts"}],
+        "split": {"seed": 0, "train": 30, "validation": 10, "test": 20},
+        "model": {"n_features": 8, "n_sensitivities": 4, "n_interaction_layers": 1, "n_atom_layers": 1, "cutoff_angstrom": 5.0, "dtype": "float64"},
+        "training": {"batch_size": 7, "max_epochs": 2, "progress": False},
+    }
+    for name, launcher in (("serial", []), ("torchrun", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / name)}), encoding="utf-8")
+        command = [sys.executable, *launcher, "-m", "metamlip", "train", str(path)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.count("best epoch") == 1  # rank 0 alone prints
+    serial, parallel = (read_checkpoint(tmp_path / name / "model.pt") for name in ("serial", "torchrun"))
+    assert serial["model"]["references"].keys() == parallel["model"]["references"].keys()
+    for key, tensor in serial["state_dict"].items():
+        torch.testing.assert_close(parallel["state_dict"][key], tensor, rtol=1e-9, atol=1e-11, msg=key)
+    metrics = [json.loads((tmp_path / name / "test_metrics.json").read_text())["pbe+vdw-ts"] for name in ("serial", "torchrun")]
+    assert metrics[0]["n_structures"] == 20
+    for key, value in metrics[0].items():
+        assert metrics[1][key] == pytest.approx(value, rel=1e-8), key
+
+
 def test_every_task_of_a_meta_step_starts_from_the_shared_optimiser_state():
     """The serial reference: with m = 2, k = 2 each task takes its k steps from the same Adam state."""
     from metamlip.pretrain import level_tasks

@@ -19,7 +19,7 @@ from metamlip.errors import InputError
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "train", "evaluate", "label", "scan", "pretrain", "finetune", "experiment", "demo", "pack",
 )
-DISTRIBUTED_COMMANDS: tuple[str, ...] = ("pretrain", "finetune")  # the ones that run under torchrun
+DISTRIBUTED_COMMANDS: tuple[str, ...] = ("train", "pretrain", "finetune")  # the ones that run under torchrun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if several and args.command not in DISTRIBUTED_COMMANDS:
-        print(f"metamlip {args.command}: error: only {' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun", file=sys.stderr)
+        print(f"metamlip {args.command}: error: only {', '.join(DISTRIBUTED_COMMANDS)} run under torchrun", file=sys.stderr)
         return 2
     if several:
         distributed.init_from_environment()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from metamlip import distributed
 from metamlip.config import TrainConfig, load_config
 from metamlip.evaluation.table import format_metrics_table
 from metamlip.training.run_training import run_training
@@ -21,6 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, TrainConfig, args.overrides)
     report = run_training(config, resume=args.resume)
+    if not distributed.is_main_process():
+        return 0
     print(f"best epoch {report.fit.best_epoch} of {report.fit.epochs_run} ({report.fit.stop_reason}), "
           f"{report.fit.wall_seconds:.0f} s; model: {report.run_dir / 'model.pt'}")
     if report.test_metrics:

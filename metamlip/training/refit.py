@@ -9,9 +9,11 @@ exactly; nothing but training data is used.
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from metamlip.data.batching import Batcher
 from metamlip.data.references import EnergyReference
-from metamlip.evaluation.metrics import predict
 from metamlip.model.potential import Potential
 
 
@@ -20,7 +22,15 @@ def refit_reference(model: Potential, train: Batcher, level: str) -> EnergyRefer
     network's residual energies on the `train` structures; returns the new reference."""
     dataset = train.dataset
     counts = dataset.composition_matrix(model.species)
-    network_ev = predict(model, train, level=level).predicted_energies_ev - model.references[level].energies_ev(counts)
-    reference = EnergyReference.from_counts(level, model.species, counts, dataset.energies_ev - network_ev)
+    reference = EnergyReference.from_counts(level, model.species, counts, dataset.energies_ev - network_energies_ev(model, train, level))
     model.add_level(reference, model.level_heads[level])
     return reference
+
+
+def network_energies_ev(model: Potential, batcher: Batcher, level: str, batch_size: int = 64) -> np.ndarray:
+    """(n_structures,) float64 residual energies (the network's part, no reference) of the
+    batcher's structures in dataset order; energies only, one batch in memory at a time."""
+    model.eval()
+    with torch.no_grad():
+        parts = [model(batch, level=level, forces=False).residual_energy_ev.double().cpu().numpy() for batch in batcher.batches(batch_size)]
+    return np.concatenate(parts) if parts else np.zeros(0)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from metamlip import distributed
 from metamlip.config import ModelSection, SplitConfig, TrainConfig, TrainingSection
 from metamlip.data.batching import Batcher
 from metamlip.data.lazy_batching import LevelData, make_batcher
@@ -119,9 +121,16 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
     result = fit(model, MixedBatchEpochs(tasks, settings), tasks, settings, run_dir, resume=resume)
     if config.training.refit_reference:
         for task in tasks:
-            refit_reference(model, task.train, task.level)
-        save_checkpoint(run_dir / "model.pt", model, extra={"best_epoch": result.best_epoch, "stop_reason": result.stop_reason})
+            refit_reference(model, task.train, task.level)  # on every process: the same weights, the same fit
+        if distributed.is_main_process():
+            save_checkpoint(run_dir / "model.pt", model, extra={"best_epoch": result.best_epoch, "stop_reason": result.stop_reason})
+    test_metrics = _test(model, splits, batcher, run_dir) if distributed.is_main_process() else {}
+    distributed.barrier()
+    return TrainReport(result, test_metrics, run_dir)
 
+
+def _test(model: Potential, splits: dict[str, LevelSplit], batcher: Callable[[LevelData], Batcher], run_dir: Path) -> dict[str, ErrorMetrics]:
+    """Test metrics of every level with a test set; writes test_metrics.json and parity plots."""
     test_metrics = {}
     for level, split in splits.items():
         if len(split.test):
@@ -131,7 +140,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
     (run_dir / "test_metrics.json").write_text(
         json.dumps({level: metrics.to_dict() for level, metrics in test_metrics.items()}, indent=2), encoding="utf-8"
     )
-    return TrainReport(result, test_metrics, run_dir)
+    return test_metrics
 
 
 def _slug(level: str) -> str:
