@@ -20,7 +20,7 @@ from metamlip.strategies import Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
 from metamlip.training.refit import refit_reference
-from metamlip.training.run_training import split_dataset, training_settings
+from metamlip.training.run_training import split_dataset, training_settings, use_threads
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ def finetune(
 
 def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
     """`metamlip finetune`: split the target level, refit the checkpoint, test, save OUTPUT_DIR/model.pt."""
+    use_threads(config.training.threads)
     payload = read_checkpoint(config.checkpoint)
     pretrained = model_from_checkpoint(payload)
     strategy = get_strategy(payload["extra"].get("strategy", "joint"))

@@ -16,7 +16,7 @@ from metamlip.model.potential import Potential
 from metamlip.strategies import PretrainBudget, Strategy, get_strategy
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import FitResult, Task, TrainingSettings, fit
-from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, training_settings, validation_splits
+from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, training_settings, use_threads, validation_splits
 
 
 def level_tasks(model: Potential, splits: dict[str, LevelSplit], cutoff_angstrom: float, dtype) -> list[Task]:
@@ -67,6 +67,7 @@ def pretrain(
 def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
     """`metamlip pretrain`: read (or open packed) levels, split off validation, pre-train, save OUTPUT_DIR/model.pt."""
     strategy = get_strategy(config.strategy)
+    use_threads(config.pretrain.training.threads)
     levels = read_sources(config.datasets, config.levels)
     splits = validation_splits(levels, config.pretrain.validation_fraction, config.split_seed)
     elements = sorted({z for dataset in levels.values() for z in dataset.elements})

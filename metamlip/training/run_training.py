@@ -83,6 +83,12 @@ def training_settings(section: TrainingSection) -> TrainingSettings:
     return TrainingSettings(**shared, loss=LossWeights(energy=section.energy_weight, forces=section.force_weight))
 
 
+def use_threads(threads: int | None) -> None:
+    """Set PyTorch's intra-op threads from config key `training.threads` (None: PyTorch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def model_dtype(section: ModelSection) -> torch.dtype:
     if section.dtype not in ("float32", "float64"):
         raise InputError(f"config key 'model.dtype' must be float32 or float64, got {section.dtype!r}")
@@ -103,8 +109,7 @@ def validation_splits(levels: dict[str, LevelData], fraction: float, seed: int) 
 
 def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
     """Train one potential (one shared head) on all configured levels and test it."""
-    if config.training.threads:
-        torch.set_num_threads(config.training.threads)
+    use_threads(config.training.threads)
     run_dir = Path(config.output_dir)
     splits = {level: split_dataset(dataset, config.split) for level, dataset in read_sources(config.datasets).items()}
     elements = sorted({z for split in splits.values() for z in split.train.elements + split.validation.elements + split.test.elements})
