@@ -130,3 +130,25 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path, data_dir, capsy
     config = write_config(tmp_path, data_dir, "gpu", device="cuda")
     assert main(["train", str(config)]) == 2
     assert "training.device" in capsys.readouterr().err
+
+
+def test_pretrain_and_finetune_honour_training_threads(tmp_path, data_dir, monkeypatch):
+    from metamlip.cli.main import main
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    model = {"n_features": 4, "n_sensitivities": 2, "n_interaction_layers": 1, "n_atom_layers": 1, "cutoff_angstrom": 5.0}
+    pretrain = {
+        "datasets": [{"path": str(data_dir / "qm7x_226_raw.npz")}, {"path": str(data_dir / "comp6_s66x8_wb97x_631gd_4mol.h5")}],
+        "strategy": "joint", "model": model, "output_dir": str(tmp_path / "pre"),
+        "pretrain": {"gradient_steps": 2, "steps_per_epoch": 2, "training": {"threads": 3, "batch_size": 4, "progress": False}},
+    }
+    finetune = {
+        "checkpoint": str(tmp_path / "pre" / "model.pt"), "n_finetune": 4, "n_validation": 2, "n_test": 2, "output_dir": str(tmp_path / "ft"),
+        "dataset": {"path": str(data_dir / "md17_ethanol_dft.npz"), "energy_unit": "kcal/mol", "level": "pbe+vdw-ts"},
+        "training": {"threads": 5, "batch_size": 4, "max_epochs": 1, "progress": False},
+    }
+    for name, config in (("pretrain", pretrain), ("finetune", finetune)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        assert main([name, str(tmp_path / f"{name}.yaml")]) == 0
+    assert asked == [3, 5]
