@@ -4,8 +4,8 @@ Pre-trains on the bundled ethanol-multilevel levels (7 levels, 270 training stru
 forces) with the same config, once in a single process and once under torchrun with P gloo
 processes, every process on one thread. `joint` is data parallel (each process takes 1/P of every
 batch of `--batch-size`), `reptile` task parallel (m = P tasks per meta-step, one per process, k
-inner steps each). Reports training steps per second from each run's `log.jsonl` (training time
-only: no start-up, no reading) and the speed-up; the two runs give the same weights (see
+inner steps each); for comparison, also one process of P threads. Reports training steps per
+second from each run's `log.jsonl` (training time only: no start-up, no reading) and speed-ups; the two runs give the same weights (see
 tests/test_distributed.py), so the ratio is pure speed.
 
     python benchmarks/bench_distributed.py --steps 600 --processes 2
@@ -54,10 +54,12 @@ def training_seconds(run_dir: Path) -> float:
     return json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["wall_seconds"]
 
 
-def run(config: Path, run_dir: Path, processes: int) -> float:
+def run(config: Path, run_dir: Path, processes: int, threads: int = 1) -> float:
+    """Training seconds of `metamlip pretrain` on `processes` processes of `threads` threads each."""
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command = [sys.executable, *launcher, "-m", "metamlip", "pretrain", str(config), "--set", f"output_dir={run_dir}"]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    overrides = ["--set", f"output_dir={run_dir}", "--set", f"pretrain.training.threads={threads}"]
+    command = [sys.executable, *launcher, "-m", "metamlip", "pretrain", str(config), *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     return training_seconds(run_dir)
@@ -77,9 +79,11 @@ def main() -> None:
             config = write_config(folder, strategy, args.steps, args.batch_size, args.processes)
             serial = run(config, folder / f"{strategy}-1", 1)
             parallel = run(config, folder / f"{strategy}-{args.processes}", args.processes)
+            threaded = run(config, folder / f"{strategy}-threads", 1, args.processes)
             print(
                 f"{strategy:8s} 1 process: {args.steps / serial:6.1f} steps/s   {args.processes} processes: "
-                f"{args.steps / parallel:6.1f} steps/s   speed-up {serial / parallel:.2f}x"
+                f"{args.steps / parallel:6.1f} steps/s (speed-up {serial / parallel:.2f}x)   1 process of "
+                f"{args.processes} threads: {args.steps / threaded:6.1f} steps/s ({serial / threaded:.2f}x)"
             )
 
 
