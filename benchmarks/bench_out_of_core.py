@@ -6,7 +6,7 @@ folder, then runs, each in its own subprocess so that the peak resident memory (
 that path's own:
 
 - memory: `read_dataset` of the whole file, `StructureBatcher` (pairs of every structure cached);
-- pack:   `pack_release` of the file into the packed format (one-time conversion);
+- pack:   `pack_hdf5` of the file into the packed format (one-time conversion);
 - packed: `PackedLevel` + `PackedBatcher` (memory maps, pairs computed per batch with vesin).
 
 Each training path fits the energy reference and then runs `--batches` training steps (the
@@ -90,9 +90,9 @@ def child(mode: str, file: Path, packed: Path, batches: int) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     if mode == "pack":
-        from metamlip.data.packed import pack_release
+        from metamlip.data.packed import pack_hdf5
 
-        pack_release(file, packed, levels=[LEVEL])
+        pack_hdf5(file, packed, levels=[LEVEL])
         return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
     if mode == "memory":
         from metamlip.data.batching import StructureBatcher

@@ -14,7 +14,7 @@ from torch.nn.utils import parameters_to_vector
 from metamlip.config import ModelSection
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.lazy_batching import PackedBatcher
-from metamlip.data.packed import PackedLevel, pack_release
+from metamlip.data.packed import PackedLevel, pack_hdf5
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.readers import read_dataset
@@ -27,7 +27,7 @@ LEVEL = "wb97x/6-31g(d)"
 @pytest.fixture(scope="module")
 def packed_and_memory(data_dir, tmp_path_factory):
     path = data_dir / "ani1x_release_sample.h5"
-    folders = pack_release(path, tmp_path_factory.mktemp("packed"), levels=[LEVEL])
+    folders = pack_hdf5(path, tmp_path_factory.mktemp("packed"), levels=[LEVEL])
     (in_memory,) = read_dataset(path, levels=[LEVEL])
     return PackedLevel.open(folders[LEVEL]), in_memory
 
@@ -119,7 +119,7 @@ def synthetic_release(tmp_path_factory) -> tuple:
     folder = tmp_path_factory.mktemp("synthetic")
     path = folder / "release.h5"
     write_synthetic_release(path)
-    return path, pack_release(path, folder / "packed", levels=[LEVEL])[LEVEL]
+    return path, pack_hdf5(path, folder / "packed", levels=[LEVEL])[LEVEL]
 
 
 def write_pretrain_config(tmp_path, name: str, datasets: list[dict], strategy: str = "reptile") -> str:
@@ -210,7 +210,7 @@ def packed_target(data_dir, tmp_path_factory) -> tuple[dict, dict]:
     """The real ANI-1x sample's wB97X/def2-TZVPP level (8 conformers, forces) as
     (packed source, the same level read into memory)."""
     path = data_dir / "ani1x_release_sample.h5"
-    folder = pack_release(path, tmp_path_factory.mktemp("target"), levels=[TARGET])[TARGET]
+    folder = pack_hdf5(path, tmp_path_factory.mktemp("target"), levels=[TARGET])[TARGET]
     return {"path": str(folder), "format": "packed"}, {"path": str(path), "levels": [TARGET]}
 
 
@@ -302,8 +302,38 @@ def test_packing_some_levels_reads_only_their_label_keys(data_dir, tmp_path, mon
         return original(name, group, key, shape)
 
     monkeypatch.setattr(release, "_values", recording)
-    folders = pack_release(data_dir / "ani1x_release_sample.h5", tmp_path, levels=[LEVEL, "mp2/cc-pvdz"])
+    folders = pack_hdf5(data_dir / "ani1x_release_sample.h5", tmp_path, levels=[LEVEL, "mp2/cc-pvdz"])
     assert sorted(folders) == ["mp2/cc-pvdz", LEVEL]
     assert read_keys == {"wb97x_dz.energy", "wb97x_dz.forces", "hf_dz.energy", "mp2_dz.corr_energy"}
     (in_memory,) = read_dataset(data_dir / "ani1x_release_sample.h5", levels=["mp2/cc-pvdz"])
     np.testing.assert_array_equal(PackedLevel.open(folders["mp2/cc-pvdz"]).energies_ev, in_memory.energies_ev)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("spice_1.1.4_sample.h5", {}), ("comp6_s66x8_wb97x_631gd_4mol.h5", {}), ("ani1x_release_sample.h5", {"levels": [LEVEL]})],
+    ids=["spice", "comp6", "ani1x-release"],
+)
+def test_every_hdf5_layout_packs_to_the_structures_read_into_memory(data_dir, tmp_path, name, options):
+    folders = pack_hdf5(data_dir / name, tmp_path, **options)
+    in_memory = read_dataset(data_dir / name, **options)
+    assert sorted(folders) == sorted(dataset.level for dataset in in_memory)
+    for memory in in_memory:
+        packed = PackedLevel.open(folders[memory.level])
+        assert len(packed) == len(memory) > 0 and packed.has_forces == memory.has_forces
+        np.testing.assert_array_equal(packed.n_atoms, memory.n_atoms)
+        np.testing.assert_array_equal(packed.energies_ev, memory.energies_ev)
+        np.testing.assert_array_equal(packed.forces_ev_per_angstrom, memory.forces_ev_per_angstrom)
+        batch, twin = PackedBatcher(packed, memory.elements, 5.0).batch(np.arange(len(memory))), StructureBatcher(memory, memory.elements, 5.0).batch(np.arange(len(memory)))
+        torch.testing.assert_close(batch.positions_angstrom, twin.positions_angstrom, rtol=0, atol=0)
+        torch.testing.assert_close(batch.species_index, twin.species_index, rtol=0, atol=0)
+
+
+def test_an_hdf5_file_of_no_known_layout_is_a_clear_error(tmp_path):
+    import h5py
+
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as file:
+        file.create_group("mol")["xyz"] = np.zeros((2, 3))
+    with pytest.raises(InputError, match="no molecule groups of a known HDF5 layout"):
+        pack_hdf5(path, tmp_path / "out")

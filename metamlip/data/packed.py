@@ -1,7 +1,7 @@
 """The packed level format: one level of theory as numpy ``.npy`` files, read by memory map.
 
-A dataset too large for memory is converted once (`pack_release`, or ``metamlip pack``) into
-one folder per level:
+A dataset too large for memory is converted once (`pack_hdf5`, or ``metamlip pack``; ANI-1x
+release, ANI/COMP6 and SPICE HDF5 layouts) into one folder per level:
 
     meta.json                    {"format": "metamlip-packed", "version": 1, "level", "source",
                                   "n_structures", "n_atoms_total", "elements", "has_forces",
@@ -21,21 +21,25 @@ Molecules only (no periodic cells).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from metamlip.data.batching import _ranges
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
-from metamlip.readers.ani1x_release import read_release, release_levels
-from metamlip.readers.hdf5 import groups_with, open_hdf5
+from metamlip.readers import ani_hdf5, spice_hdf5
+from metamlip.readers.ani1x_release import is_release_layout, read_release, release_levels
+from metamlip.readers.blocks import build_dataset
+from metamlip.readers.hdf5 import first_group_with, groups_with, open_hdf5
 from metamlip.readers.options import ReadOptions, check_levels_found
 
 FORMAT = "metamlip-packed"
@@ -102,37 +106,54 @@ class _LevelWriter:
         return self.folder
 
 
-def pack_release(
+def pack_hdf5(
     path: str | PathLike[str],
     out_dir: str | PathLike[str],
     levels: list[str] | None = None,
-    energy_unit: str | None = None,
-    length_unit: str | None = None,
+    **options: str | None,
 ) -> dict[str, Path]:
-    """Convert an ANI-1x release-layout HDF5 file into one packed folder per level, group by group.
+    """Convert an HDF5 dataset into one packed folder per level, one molecule group at a time.
 
-    Returns {level: folder}. Only the label keys of the requested `levels` (default: all) are
-    read. Structures with NaN labels are dropped per level, as `read_dataset` does.
+    Layouts: ANI-1x/ANI-1ccx release (every label key a level; only the requested levels' keys
+    are read), ANI/COMP6 (`coordinates`, `species`, `energies`) and SPICE (`conformations`).
+    `options` are `read_dataset`'s (`level`, `energy_unit`, `length_unit`, `energy_key`,
+    `forces_key`). Returns {level: folder}. Structures with NaN labels are dropped per level, as
+    `read_dataset` does.
     """
     path, out_dir = Path(path), Path(out_dir)
     wanted = None if levels is None else tuple(normalise_level(level) for level in levels)
     writers: dict[str, _LevelWriter] = {}
     with open_hdf5(path) as file:
-        for group in groups_with(file, "coordinates"):
-            present = release_levels(path, group)
-            levels_here = tuple(level for level in present if wanted is None or level in wanted)
-            if not levels_here:
+        for dataset in _group_levels(file, path, wanted, ReadOptions(**options)):
+            if wanted is not None and dataset.level not in wanted:
                 continue
-            options = ReadOptions(levels=levels_here, energy_unit=energy_unit, length_unit=length_unit)
-            for dataset in read_release(group, path, options):
-                if dataset.level not in writers:
-                    folder = out_dir / level_folder_name(dataset.level)
-                    if folder.exists():
-                        shutil.rmtree(folder)
-                    writers[dataset.level] = _LevelWriter(folder, dataset.level, str(path), dataset.has_forces)
-                writers[dataset.level].append(dataset)
+            if dataset.level not in writers:
+                folder = out_dir / level_folder_name(dataset.level)
+                if folder.exists():
+                    shutil.rmtree(folder)
+                writers[dataset.level] = _LevelWriter(folder, dataset.level, str(path), dataset.has_forces)
+            writers[dataset.level].append(dataset)
+    if not writers and wanted is None:
+        raise InputError(f"{path}: no molecule groups of a known HDF5 layout (ANI-1x release, ANI/COMP6, SPICE)")
     check_levels_found(str(path), wanted, list(writers))
     return {level: writer.finish() for level, writer in writers.items()}
+
+
+def _group_levels(file: h5py.File, path: Path, wanted: tuple[str, ...] | None, options: ReadOptions) -> Iterator[LevelDataset]:
+    """The levels of each molecule group of the file, read one group at a time."""
+    if first_group_with(file, spice_hdf5.POSITIONS_KEY) is not None:
+        level = spice_hdf5.spice_level(path, options)
+        for group in groups_with(file, spice_hdf5.POSITIONS_KEY):
+            yield build_dataset(level, [spice_hdf5.molecule_block(path, group, options)], str(path))
+    elif is_release_layout(file):
+        for group in groups_with(file, "coordinates"):
+            levels_here = tuple(level for level in release_levels(path, group) if wanted is None or level in wanted)
+            if levels_here:
+                yield from read_release(group, path, dataclasses.replace(options, levels=levels_here))
+    else:
+        for group in groups_with(file, "coordinates"):
+            level, block = ani_hdf5.molecule_block(path, group, options)
+            yield build_dataset(level, [block], str(path))
 
 
 @dataclass

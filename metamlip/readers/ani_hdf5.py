@@ -38,28 +38,32 @@ def read(path: Path, options: ReadOptions) -> list[LevelDataset]:
 
 def _read_molecule_groups(file: h5py.File, path: Path, options: ReadOptions) -> list[LevelDataset]:
     """ANI/COMP6 layout: one block per group with `coordinates`, grouped by level."""
-    units = resolve_units(str(path), options, ENERGY_UNIT, LENGTH_UNIT)
-    energy_key = options.energy_key or "energies"
     by_level: dict[str, list[Block]] = {}
     for group in groups_with(file, "coordinates"):
-        name = where(path, group)
-        stored = text(group["lot"][()]) if "lot" in group else None
-        level = resolve_level(name, options, stored)
-        forces_key = options.forces_key or ("forces" if "forces" in group else None)
-        species_key = "species" if "species" in group else "atomic_numbers"
-        by_level.setdefault(level, []).append(
-            make_block(
-                name,
-                units,
-                numbers=(species_key, _atomic_numbers(name, read_key(path, group, species_key))),
-                positions=("coordinates", read_key(path, group, "coordinates")),
-                energies=(energy_key, read_key(path, group, energy_key)),
-                forces=None if forces_key is None else (forces_key, read_key(path, group, forces_key)),
-            )
-        )
+        level, block = molecule_block(path, group, options)
+        by_level.setdefault(level, []).append(block)
     if not by_level:
         raise InputError(f"{path}: no group with 'coordinates' (not an ANI-layout HDF5 file)")
     return [build_dataset(level, blocks, str(path)) for level, blocks in by_level.items()]
+
+
+def molecule_block(path: Path, group: h5py.Group, options: ReadOptions) -> tuple[str, Block]:
+    """(level, conformers) of one ANI/COMP6 group with `coordinates`."""
+    name = where(path, group)
+    units = resolve_units(str(path), options, ENERGY_UNIT, LENGTH_UNIT)
+    energy_key = options.energy_key or "energies"
+    stored = text(group["lot"][()]) if "lot" in group else None
+    forces_key = options.forces_key or ("forces" if "forces" in group else None)
+    species_key = "species" if "species" in group else "atomic_numbers"
+    block = make_block(
+        name,
+        units,
+        numbers=(species_key, _atomic_numbers(name, read_key(path, group, species_key))),
+        positions=("coordinates", read_key(path, group, "coordinates")),
+        energies=(energy_key, read_key(path, group, energy_key)),
+        forces=None if forces_key is None else (forces_key, read_key(path, group, forces_key)),
+    )
+    return resolve_level(name, options, stored), block
 
 
 def _atomic_numbers(name: str, species: np.ndarray) -> np.ndarray:

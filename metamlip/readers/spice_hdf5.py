@@ -27,15 +27,20 @@ GRADIENT_KEY = "dft_total_gradient"
 
 def read(path: Path, options: ReadOptions) -> list[LevelDataset]:
     """The one level of the SPICE file at `path`, all molecules together."""
-    level = resolve_level(str(path), options, None, DEFAULT_LEVEL)
+    level = spice_level(path, options)
     with open_hdf5(path) as file:
-        blocks = [_molecule(path, group, options) for group in groups_with(file, POSITIONS_KEY)]
+        blocks = [molecule_block(path, group, options) for group in groups_with(file, POSITIONS_KEY)]
     if not blocks:
         raise InputError(f"{path}: no group with {POSITIONS_KEY!r} (not a SPICE HDF5 file)")
     return [build_dataset(level, blocks, str(path))]
 
 
-def _molecule(path: Path, group: h5py.Group, options: ReadOptions) -> Block:
+def spice_level(path: Path, options: ReadOptions) -> str:
+    """The level of a SPICE file: SPICE's documented one unless the `level` option says otherwise."""
+    return resolve_level(str(path), options, None, DEFAULT_LEVEL)
+
+
+def molecule_block(path: Path, group: h5py.Group, options: ReadOptions) -> Block:
     """All conformations of one SPICE molecule, forces = -gradient."""
     name = where(path, group)
     energy_key = options.energy_key or ENERGY_KEY
