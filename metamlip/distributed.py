@@ -182,24 +182,23 @@ def data_parallel_backward(model: DistributedDataParallel, batch: Batch, weights
     The shard's energy term is weighted by (its structures / global structures) and its force
     term by (its atoms / global atoms), both times the number of ranks: the average over ranks
     of the gradients is then the gradient of the loss of the whole global batch. A rank whose
-    shard is empty still takes part, with a zero loss. Returns the global batch's loss parts
-    (summed over ranks with one small all-reduce, for the log).
+    shard is empty still takes part, with a zero loss. Returns this shard's share of the global
+    batch's loss parts: summed over ranks they are the global batch's (`train_steps` sums them
+    once per epoch; one more collective per step would cost ~10% of a small-molecule step).
     """
     structures, atoms = batch.shard_of if batch.shard_of is not None else (batch.n_structures, int(batch.n_atoms.sum()))
     energy_share = batch.n_structures / structures
     force_share = float(batch.n_atoms.sum()) / atoms
-    loss_parts = torch.zeros(3, dtype=torch.float64)  # energy MSE, force MSE, force term used
     if batch.n_structures:
         ranks = world_size()
         scaled = LossWeights(energy=weights.energy * energy_share * ranks, forces=weights.forces * force_share * ranks)
         loss = batch_loss(model, batch, scaled)
-        loss_parts[0] = loss.energy_mse_per_atom_ev2 * energy_share
-        if loss.force_mse_ev2_per_angstrom2 is not None:
-            loss_parts[1:] = torch.tensor([loss.force_mse_ev2_per_angstrom2 * force_share, 1.0])
         loss.total.backward()
+        energy = loss.energy_mse_per_atom_ev2 * energy_share
+        force = None if loss.force_mse_ev2_per_angstrom2 is None else loss.force_mse_ev2_per_angstrom2 * force_share
     else:
         model(batch, forces=False).residual_energy_ev.sum().backward()  # zero loss, joins the all-reduce
-    energy, force, force_used = sum_across_processes(loss_parts).tolist()
-    force = force if force_used > 0 else None
+        energy = 0.0
+        force = 0.0 if batch.forces_ev_per_angstrom is not None and weights.forces > 0 else None  # as the other shards
     total = weights.energy * energy + (weights.forces * force if force is not None else 0.0)
-    return BatchLoss(torch.tensor(total), energy, force)
+    return BatchLoss(torch.tensor(total, dtype=torch.float64), energy, force)

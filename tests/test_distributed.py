@@ -10,6 +10,7 @@ Rank 0's checkpoints must match serial runs with the same seeds to float64 round
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +109,11 @@ def test_two_processes_match_one(distributed_runs, tmp_path, name):
         torch.testing.assert_close(parallel[key], serial[key], rtol=1e-9, atol=1e-11, msg=f"{name}: {key}")
     history = read_checkpoint(distributed_runs / name / "checkpoint.pt")["training_state"]["history_json"]
     assert '"epoch": 2' in history and "val_loss" in history
+    logs = [[json.loads(line) for line in (folder / name / "log.jsonl").read_text().splitlines()] for folder in (tmp_path, distributed_runs)]
+    assert len(logs[0]) == len(logs[1])
+    for serial_epoch, parallel_epoch in zip(*logs):  # the logged losses are the global batches' too
+        for key in ("train_loss", "train_energy_mse_per_atom_ev2", "train_force_mse_ev2_per_angstrom2", "val_loss"):
+            assert parallel_epoch.get(key) == pytest.approx(serial_epoch.get(key), rel=1e-8), key
 
 
 def test_distributed_resume_matches_uninterrupted(distributed_runs):

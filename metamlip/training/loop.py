@@ -93,7 +93,7 @@ def train_steps(
 
     With `parallel_model` (`model` wrapped by `metamlip.distributed.data_parallel_model`)
     each batch is this process's shard of a global batch, and the gradients (and the
-    returned loss parts) are those of the global batch.
+    returned loss parts, summed over processes at the end) are those of the global batches.
     """
     model.train()
     totals = {"loss": 0.0, "energy_mse_per_atom_ev2": 0.0, "force_mse_ev2_per_angstrom2": 0.0}
@@ -113,6 +113,9 @@ def train_steps(
             totals["force_mse_ev2_per_angstrom2"] += loss.force_mse_ev2_per_angstrom2
             force_steps += 1
         steps += 1
+    if parallel_model is not None:
+        summed = distributed.sum_across_processes(torch.tensor(list(totals.values()), dtype=torch.float64))
+        totals = dict(zip(totals, summed.tolist()))
     means = {"loss": totals["loss"] / max(steps, 1), "energy_mse_per_atom_ev2": totals["energy_mse_per_atom_ev2"] / max(steps, 1)}
     if force_steps:
         means["force_mse_ev2_per_angstrom2"] = totals["force_mse_ev2_per_angstrom2"] / force_steps
