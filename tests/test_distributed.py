@@ -51,26 +51,26 @@ def level_splits() -> dict[str, LevelSplit]:
     return {d.level: LevelSplit(d.subset(range(0, 30)), d.subset(range(30, 37)), d.subset(range(37, 38))) for d in (ethanol, qm7x)}
 
 
-def run(name: str, run_dir: Path, epochs: int | None = None, resume: bool = False) -> None:
+def run(name: str, run_dir: Path, epochs: int | None = None, resume: bool = False, device: str = "cpu") -> None:
     strategy, steps, per_epoch, batch_size = RUNS[name]
     torch.manual_seed(7)  # new heads (multihead) draw from the global generator
     budget = PretrainBudget(gradient_steps=steps if epochs is None else epochs * per_epoch, steps_per_epoch=per_epoch, reptile=REPTILE)
-    settings = dataclasses.replace(SETTINGS, batch_size=batch_size)
+    settings = dataclasses.replace(SETTINGS, batch_size=batch_size, device=device)
     pretrain(get_strategy(strategy), level_splits(), [1, 6, 8], MODEL, settings, budget, run_dir, resume=resume)
 
 
-def finetune_run(name: str, run_dir: Path) -> None:
+def finetune_run(name: str, run_dir: Path, device: str = "cpu") -> None:
     """Fine-tune an untrained QM7-X-level model to ethanol (2 epochs of batches of 7: shards 4 + 3)."""
     splits = level_splits()
     model = new_potential(MODEL, [1, 6, 8])
     model.add_level(EnergyReference.fit(splits["pbe0+mbd"].train, model.species))
     target = splits["pbe+vdw-ts"]
-    settings = dataclasses.replace(SETTINGS, max_epochs=2)
+    settings = dataclasses.replace(SETTINGS, max_epochs=2, device=device)
     finetune(model, get_strategy("joint"), target.train, target.validation, settings, run_dir, FinetuneOptions(freeze_backbone=FINETUNES[name]))
 
 
-def train_named(name: str, run_dir: Path) -> None:
-    finetune_run(name, run_dir) if name in FINETUNES else run(name, run_dir)
+def train_named(name: str, run_dir: Path, device: str = "cpu") -> None:
+    finetune_run(name, run_dir, device) if name in FINETUNES else run(name, run_dir, device=device)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -79,14 +79,12 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def main(out: Path, device: str = "cpu") -> None:
     """The torchrun side: every process runs the same calls on `device`; rank 0 writes the checkpoints."""
-    global SETTINGS
-    SETTINGS = dataclasses.replace(SETTINGS, device=device)
     torch.set_num_threads(1)
     assert distributed.init_from_environment() and distributed.world_size() == 2
     for name in [*RUNS, *FINETUNES]:
-        train_named(name, out / name)
-    run("joint", out / "resumed", epochs=1)
-    run("joint", out / "resumed", epochs=2, resume=True)
+        train_named(name, out / name, device)
+    run("joint", out / "resumed", epochs=1, device=device)
+    run("joint", out / "resumed", epochs=2, resume=True, device=device)
     distributed.shutdown()
 
 

@@ -21,12 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def serial_weights(tmp_path: Path, name: str, device: str) -> dict[str, torch.Tensor]:
-    saved = runs.SETTINGS
-    runs.SETTINGS = runs.dataclasses.replace(saved, device=device)
-    try:
-        runs.train_named(name, tmp_path / device.replace(":", "") / name)
-    finally:
-        runs.SETTINGS = saved
+    runs.train_named(name, tmp_path / device.replace(":", "") / name, device)
     return runs.weights(tmp_path / device.replace(":", "") / name)
 
 

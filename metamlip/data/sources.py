@@ -14,6 +14,7 @@ from metamlip.data.packed import open_packed
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
 from metamlip.readers import read_dataset
+from metamlip.readers.dispatch import only_level
 
 
 def read_source(source: DataSource) -> list[LevelData]:
@@ -27,11 +28,7 @@ def read_source(source: DataSource) -> list[LevelData]:
 
 def read_source_level(source: DataSource) -> LevelData:
     """The one level of a source (choose with ``levels: [...]`` when the file holds several)."""
-    levels = read_source(source)
-    if len(levels) != 1:
-        found = [level.level for level in levels]
-        raise InputError(f"{source.path}: expected one level of theory, found {len(found)}: {found}; choose with `levels: [...]`")
-    return levels[0]
+    return only_level(source.path, read_source(source))
 
 
 def read_sources(sources: list[DataSource], wanted: list[str] | None = None) -> dict[str, LevelData]:

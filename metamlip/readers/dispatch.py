@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 from os import PathLike
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from metamlip.readers.hdf5 import first_group_with, open_hdf5
 from metamlip.readers.options import ReadOptions, check_levels_found, require_file
 
 Reader = Callable[[Path, ReadOptions], list[LevelDataset]]
+T = TypeVar("T")  # a level's data: in memory or packed
 
 READERS: dict[str, Reader] = {
     "npz": npz.read,
@@ -75,11 +77,15 @@ def read_level(path: str | PathLike[str], **options: object) -> LevelDataset:
 
     InputError naming the file and the levels found if there is not exactly one.
     """
-    datasets = read_dataset(path, **options)  # type: ignore[arg-type]
-    if len(datasets) != 1:
-        found = [dataset.level for dataset in datasets]
+    return only_level(path, read_dataset(path, **options))  # type: ignore[arg-type]
+
+
+def only_level(path: str | PathLike[str], levels: list[T]) -> T:
+    """The one item of `levels` (datasets of the file at `path`); InputError naming the levels found if not one."""
+    if len(levels) != 1:
+        found = [level.level for level in levels]
         raise InputError(f"{path}: expected one level of theory, found {len(found)}: {found}; choose with `levels=[...]`")
-    return datasets[0]
+    return levels[0]
 
 
 def _normalised(path: Path, levels: Sequence[str] | None) -> tuple[str, ...] | None:
