@@ -30,6 +30,7 @@ class HipnnConfig:
     soft_min_angstrom: float = 0.75
     soft_max_angstrom: float = 5.5
     cutoff_angstrom: float = 6.5
+    n_level_features: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,14 +95,15 @@ class Residual(nn.Module):
 
 
 class HipnnBackbone(nn.Module):
-    """Species one-hot + interaction blocks; returns the features of every block."""
+    """Species one-hot (optionally followed by a per-level vector of `n_level_features`, the
+    level embedding) + interaction blocks; returns the features of every block."""
 
     def __init__(self, n_species: int, config: HipnnConfig):
         super().__init__()
         self.config = config
         self.n_species = n_species
         width = config.n_features
-        self.feature_sizes = [n_species] + [width] * config.n_interaction_layers
+        self.feature_sizes = [n_species + config.n_level_features] + [width] * config.n_interaction_layers
         self.blocks = nn.ModuleList()
         for n_in in self.feature_sizes[:-1]:
             interaction = Interaction(
@@ -115,11 +117,18 @@ class HipnnBackbone(nn.Module):
             self.blocks.append(block)
 
     def forward(
-        self, species_index: torch.Tensor, neighbour_index: torch.Tensor, distance_angstrom: torch.Tensor
+        self,
+        species_index: torch.Tensor,
+        neighbour_index: torch.Tensor,
+        distance_angstrom: torch.Tensor,
+        level_features: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Features per block: [(n_atoms, n_species) one-hot, (n_atoms, n_features), ...] from species
-        (n_atoms,), padded neighbours (n_atoms, k) and distances (n_atoms, k), padding beyond the cutoff."""
+        """Features per block: [(n_atoms, n_species [+ n_level_features]) input, (n_atoms, n_features), ...]
+        from species (n_atoms,), padded neighbours (n_atoms, k), distances (n_atoms, k) with padding
+        beyond the cutoff, and the level embedding (n_level_features,) when the backbone has one."""
         features = nn.functional.one_hot(species_index, self.n_species).to(distance_angstrom.dtype)
+        if self.config.n_level_features:
+            features = torch.cat([features, level_features.to(features.dtype).expand(features.shape[0], -1)], dim=1)
         all_features = [features]
         for block in self.blocks:
             features = block[0](features, neighbour_index, distance_angstrom)

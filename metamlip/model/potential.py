@@ -55,19 +55,43 @@ class Potential(nn.Module):
         self.heads = nn.ModuleDict({name: HierarchicalEnergyHead(self.backbone.feature_sizes) for name in head_names})
         self.references: dict[str, EnergyReference] = {}
         self.level_heads: dict[str, str] = {}
+        self.level_embeddings = nn.ParameterDict()  # "embedding<i>" -> (n_level_features,) vector
+        self.level_embedding_keys: dict[str, str] = {}  # level -> key of level_embeddings
 
     @property
     def levels(self) -> list[str]:
         return list(self.level_heads)
 
-    def add_level(self, reference: EnergyReference, head: str = SHARED_HEAD) -> None:
-        """Register a level with its reference; a new head name gets a fresh head."""
+    def add_level(self, reference: EnergyReference, head: str = SHARED_HEAD, embedding_from_mean: bool = False) -> None:
+        """Register a level with its reference; a new head name gets a fresh head. A model with
+        level embeddings gives a new level its vector: seeded random, or the mean of the others'."""
         if list(reference.elements) != self.species:
             raise InputError(f"level {reference.level!r}: reference elements {reference.elements} differ from model species {self.species}")
         if head not in self.heads:
             self.add_level_head(head)
+        if self.config.n_level_features and reference.level not in self.level_embedding_keys:
+            self.add_level_embedding(reference.level, from_mean=embedding_from_mean)
         self.references[reference.level] = reference
         self.level_heads[reference.level] = head
+
+    def add_level_embedding(self, level: str, from_mean: bool = False) -> None:
+        """A vector of `n_level_features` for `level`: N(0, 1) seeded by the number of vectors so far
+        (reproducible, the same on every rank), or the mean of the existing vectors."""
+        parameter = next(self.parameters())
+        if from_mean and len(self.level_embeddings):
+            vector = torch.stack([value.detach() for value in self.level_embeddings.values()]).mean(dim=0)
+        else:
+            generator = torch.Generator().manual_seed(len(self.level_embeddings))
+            vector = torch.randn(self.config.n_level_features, generator=generator)
+        key = f"embedding{len(self.level_embeddings)}"
+        self.level_embeddings[key] = nn.Parameter(vector.to(parameter.device, parameter.dtype).clone())
+        self.level_embedding_keys[level] = key
+
+    def level_features(self, level: str) -> torch.Tensor | None:
+        """(n_level_features,) embedding of `level`, None for a model without level embeddings."""
+        if not self.config.n_level_features:
+            return None
+        return self.level_embeddings[self.level_embedding_keys[level]]
 
     def add_level_head(self, head: str) -> None:
         """A fresh energy head called `head`, on the model's device and dtype; its initial weights
@@ -100,7 +124,7 @@ class Potential(nn.Module):
         batch = batch.to(next(self.parameters()).device)
         positions = batch.positions_angstrom.detach().requires_grad_(forces)
         distance = self.neighbour_distances_angstrom(batch, positions)
-        features = self.backbone(batch.species_index, batch.neighbour_index, distance)
+        features = self.backbone(batch.species_index, batch.neighbour_index, distance, self.level_features(level))
         residual = self.heads[self.level_heads[level]](features, batch.structure_index, batch.n_structures)
         force = None
         if forces:
@@ -122,11 +146,15 @@ class Potential(nn.Module):
             "heads": list(self.heads),
             "level_heads": dict(self.level_heads),
             "references": {level: reference.to_dict() for level, reference in self.references.items()},
+            "level_embeddings": dict(self.level_embedding_keys),
         }
 
     @classmethod
     def from_description(cls, description: dict) -> Potential:
         model = cls(description["species"], HipnnConfig(**description["backbone"]), description["heads"])
+        embedding_keys = description.get("level_embeddings", {})
+        for level in sorted(embedding_keys, key=lambda name: int(embedding_keys[name].removeprefix("embedding"))):
+            model.add_level_embedding(level)  # in key order; the weights come with the state dict
         for level, head in description["level_heads"].items():
             model.add_level(EnergyReference.from_dict(description["references"][level]), head)
         return model
