@@ -57,6 +57,8 @@ def normalise_level(name: str) -> str:
     method, _, basis = text.partition("/")
     method = re.sub(r"\s+", "", method)
     basis = re.sub(r"\s+", "", basis)
+    if not method:
+        raise ValueError(f"no method before '/' in level-of-theory name {name!r}")
     method = _METHOD_ALIASES.get(method, method)
     basis = _BASIS_ALIASES.get(basis, basis)
     return f"{method}/{basis}" if basis else method

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -34,6 +33,8 @@ import numpy as np
 
 from metamlip.data.batching import _ranges
 from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.pack_folders import clear_level_folder, level_folder, prepare_output
+from metamlip.data.pack_folders import level_folder_name  # noqa: F401 - re-exported for callers of this module
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
 from metamlip.readers import ani_hdf5, spice_hdf5
@@ -52,9 +53,7 @@ _ARRAYS = {  # name: (dtype, per-atom or per-structure width; None = 1-D)
 }
 
 
-def level_folder_name(level: str) -> str:
-    """A file-system-safe folder name for a level, e.g. 'wb97x/6-31g(d)' -> 'wb97x_6-31g_d_'."""
-    return "".join(character if character.isalnum() or character in "-+." else "_" for character in level)
+PACKED_FILES = {"meta.json", "atom_offsets.npy"} | {f"{name}{suffix}" for name in _ARRAYS for suffix in (".npy", ".raw")}
 
 
 class _LevelWriter:
@@ -118,19 +117,24 @@ def pack_hdf5(
     are read), ANI/COMP6 (`coordinates`, `species`, `energies`) and SPICE (`conformations`).
     `options` are `read_dataset`'s (`level`, `energy_unit`, `length_unit`, `energy_key`,
     `forces_key`). Returns {level: folder}. Structures with NaN labels are dropped per level, as
-    `read_dataset` does.
+    `read_dataset` does. Nothing is written or removed outside `out_dir`: see `pack_folders` for
+    the folder names and what a rerun may replace.
     """
     path, out_dir = Path(path), Path(out_dir)
-    wanted = None if levels is None else tuple(normalise_level(level) for level in levels)
+    try:
+        wanted = None if levels is None else tuple(normalise_level(level) for level in levels)
+    except ValueError as error:
+        raise InputError(f"{path}: option `levels`: {error}") from None
     writers: dict[str, _LevelWriter] = {}
+    folder_levels: dict[str, str] = {}  # folder name -> level, to refuse two levels in one folder
     with open_hdf5(path) as file:
+        prepare_output(out_dir)
         for dataset in _group_levels(file, path, wanted, ReadOptions(**options)):
             if wanted is not None and dataset.level not in wanted:
                 continue
             if dataset.level not in writers:
-                folder = out_dir / level_folder_name(dataset.level)
-                if folder.exists():
-                    shutil.rmtree(folder)
+                folder = level_folder(out_dir, dataset.level, folder_levels, str(path))
+                clear_level_folder(folder, dataset.level, PACKED_FILES)
                 writers[dataset.level] = _LevelWriter(folder, dataset.level, str(path), dataset.has_forces)
             writers[dataset.level].append(dataset)
     if not writers and wanted is None:

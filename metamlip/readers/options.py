@@ -78,7 +78,10 @@ def resolve_level(where: str, options: ReadOptions, stored: str | None, default:
             f"{where}: the file does not say its level of theory; pass the option `level` "
             "(e.g. level='wb97x/6-31g(d)')"
         )
-    return normalise_level(name)
+    try:
+        return normalise_level(name)
+    except ValueError as error:
+        raise InputError(f"{where}: level of theory {name!r}: {error}") from None
 
 
 def check_levels_found(where: str, wanted: tuple[str, ...] | None, available: list[str]) -> None:
