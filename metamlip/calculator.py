@@ -1,4 +1,5 @@
-"""ASE calculator for a metamlip potential: energy in eV, forces in eV/Angstrom."""
+"""ASE calculator for a metamlip potential: energy and per-atom energies in eV, forces in
+eV/Angstrom, stress in eV/Angstrom^3 (cells periodic in all three directions)."""
 
 from __future__ import annotations
 
@@ -7,51 +8,95 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
-from metamlip.data.batching import StructureBatcher
-from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.skin_neighbours import SkinNeighbourBatch
+from metamlip.errors import InputError
 from metamlip.model.potential import Potential
 from metamlip.training.checkpoint import load_potential
 
+# Half the skin (0.25 Angstrom) is ~25 steps of 0.5 fs for a hydrogen at 300 K (~0.02 Angstrom/fs);
+# at a 6.5 Angstrom cutoff the list holds (7.0 / 6.5)^3 = 1.25x the pairs within the cutoff.
+DEFAULT_SKIN_ANGSTROM = 0.5
+
 
 class MetamlipCalculator(Calculator):
-    """Energies and forces of a trained potential at one of its levels of theory.
+    """Energies, forces, per-atom energies and stress of a trained potential at one of its levels.
 
-    A model that knows several levels (multi-head or joint training) predicts the
-    level named by `level`; a one-level model needs no name.
+    A model that knows several levels (multi-head or joint training) predicts the level named by
+    `level`; a one-level model needs no name. `dtype` ("float32", "float64" or a torch dtype) and
+    `device` cast the model in place; results are float64 numpy arrays either way.
+
+    Neighbour pairs are found within the cutoff + `skin_angstrom` and kept until an atom moves more
+    than half the skin (or cell, periodicity or atoms change); pairs beyond the cutoff contribute
+    exactly zero, so results equal those of a fresh list. `skin_angstrom=0` rebuilds at every move.
+    Stress, (1/V) dE/d(strain) in ASE's Voigt order, is computed for cells periodic in all three
+    directions; asking it of any other structure raises PropertyNotImplementedError.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, model: Potential, level: str | None = None, **kwargs):
+    def __init__(
+        self,
+        model: Potential,
+        level: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        skin_angstrom: float = DEFAULT_SKIN_ANGSTROM,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self.model = model.eval()
+        self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         self.level = model.resolve_level(level)
-        self.dtype = next(model.parameters()).dtype
+        parameter = next(model.parameters())
+        self.dtype = parameter.dtype
+        self.neighbours = SkinNeighbourBatch(
+            self.level, model.species, model.config.cutoff_angstrom, skin_angstrom, parameter.dtype, parameter.device
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, level: str | None = None, **kwargs) -> MetamlipCalculator:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        level: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs,
+    ) -> MetamlipCalculator:
         """Calculator for the potential stored at `path` (a model.pt written by metamlip)."""
-        return cls(load_potential(path), level=level, **kwargs)
+        return cls(load_potential(path), level=level, dtype=dtype, device=device, **kwargs)
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        structure = LevelDataset.from_structures(
-            level=self.level,
-            atomic_numbers=[self.atoms.numbers],
-            positions_angstrom=[self.atoms.positions],
-            energies_ev=np.zeros(1),
-            cells_angstrom=np.asarray(self.atoms.cell[:])[None] if self.atoms.pbc.any() else None,
-            pbc=np.asarray(self.atoms.pbc)[None] if self.atoms.pbc.any() else None,
-            source="ASE atoms",
-        )
-        batcher = StructureBatcher(structure, self.model.species, self.model.config.cutoff_angstrom, self.dtype)
+        periodic = bool(self.atoms.pbc.all())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
+        batch = self.neighbours.batch(self.atoms.numbers, self.atoms.positions, self.atoms.cell[:], self.atoms.pbc)
         with torch.enable_grad():
-            prediction = self.model(batcher.batch(np.array([0])), level=self.level, forces=True)
+            prediction = self.model(batch, level=self.level, forces=True, stress=periodic)
         energy = float(prediction.energy_ev[0])
         self.results = {
             "energy": energy,
             "free_energy": energy,
-            "forces": prediction.forces_ev_per_angstrom.detach().double().cpu().numpy().copy(),
+            "energies": as_numpy(prediction.atom_energy_ev),
+            "forces": as_numpy(prediction.forces_ev_per_angstrom),
         }
+        if periodic:
+            strain_derivative = as_numpy(prediction.strain_derivative_ev[0])
+            self.results["stress"] = full_3x3_to_voigt_6_stress(strain_derivative / self.atoms.get_volume())
+
+
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """torch.float32 or torch.float64 from a name or a torch dtype; None stays None."""
+    if dtype is None:
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.float64):
+        raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
+    return resolved
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A float64 numpy copy of a model output."""
+    return tensor.detach().double().cpu().numpy().copy()

@@ -20,5 +20,13 @@ class HierarchicalEnergyHead(nn.Module):
 
     def forward(self, all_features: list[torch.Tensor], structure_index: torch.Tensor, n_structures: int) -> torch.Tensor:
         """(n_structures,) energies in eV from per-block features (n_atoms, n_l)."""
-        atom_energy = sum(layer(features) for layer, features in zip(self.layers, all_features)).squeeze(1)
-        return atom_energy.new_zeros(n_structures).index_add(0, structure_index, atom_energy)
+        return structure_sums(self.atom_energies(all_features), structure_index, n_structures)
+
+    def atom_energies(self, all_features: list[torch.Tensor]) -> torch.Tensor:
+        """(n_atoms,) each atom's contribution in eV; `forward` sums them per structure."""
+        return sum(layer(features) for layer, features in zip(self.layers, all_features)).squeeze(1)
+
+
+def structure_sums(atom_values: torch.Tensor, structure_index: torch.Tensor, n_structures: int) -> torch.Tensor:
+    """(n_structures,) sum of per-atom values (n_atoms,) over the atoms of each structure."""
+    return atom_values.new_zeros(n_structures).index_add(0, structure_index, atom_values)

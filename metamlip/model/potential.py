@@ -18,7 +18,7 @@ from metamlip.data.batching import Batch
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
-from metamlip.model.energy_head import HierarchicalEnergyHead
+from metamlip.model.energy_head import HierarchicalEnergyHead, structure_sums
 from metamlip.model.hipnn import HipnnBackbone, HipnnConfig
 
 SHARED_HEAD = "shared"
@@ -32,16 +32,29 @@ class Prediction:
         residual_energy_ev: (n_structures,) model dtype, energy minus the level reference.
         reference_energy_ev: (n_structures,) float64 per-level linear reference energy.
         forces_ev_per_angstrom: (n_atoms, 3) model dtype, or None when not asked for.
+        atom_residual_energy_ev: (n_atoms,) model dtype, each atom's share of the residual energy.
+        atom_reference_energy_ev: (n_atoms,) float64, each atom's element reference energy.
+        strain_derivative_ev: (n_structures, 3, 3) model dtype, dE/d(strain) at zero strain (the
+            stress times the cell volume), or None when not asked for.
     """
 
     residual_energy_ev: torch.Tensor
     reference_energy_ev: torch.Tensor
     forces_ev_per_angstrom: torch.Tensor | None
+    atom_residual_energy_ev: torch.Tensor | None = None
+    atom_reference_energy_ev: torch.Tensor | None = None
+    strain_derivative_ev: torch.Tensor | None = None
 
     @property
     def energy_ev(self) -> torch.Tensor:
         """(n_structures,) float64 total energies."""
         return self.residual_energy_ev.detach().double() + self.reference_energy_ev
+
+    @property
+    def atom_energy_ev(self) -> torch.Tensor:
+        """(n_atoms,) float64 per-atom energies; per structure they sum to `energy_ev` (to the
+        round-off of the model dtype)."""
+        return self.atom_residual_energy_ev.detach().double() + self.atom_reference_energy_ev
 
 
 class Potential(nn.Module):
@@ -114,27 +127,47 @@ class Potential(nn.Module):
 
     def reference_energy_ev(self, batch: Batch, level: str) -> torch.Tensor:
         """(n_structures,) float64 reference energies of `level` for the batch's compositions."""
-        per_element = torch.as_tensor(self.references[level].energy_per_element_ev, device=batch.species_index.device)
-        atom_reference = per_element[batch.species_index]
-        return atom_reference.new_zeros(batch.n_structures).index_add(0, batch.structure_index, atom_reference)
+        return structure_sums(self.atom_reference_energy_ev(batch, level), batch.structure_index, batch.n_structures)
 
-    def forward(self, batch: Batch, level: str | None = None, forces: bool = True, create_graph: bool = False) -> Prediction:
-        """Energies (and forces) of `batch` at `level` (default: the batch's own level)."""
+    def atom_reference_energy_ev(self, batch: Batch, level: str) -> torch.Tensor:
+        """(n_atoms,) float64 reference energy of each atom's element at `level`."""
+        per_element = torch.as_tensor(self.references[level].energy_per_element_ev, device=batch.species_index.device)
+        return per_element[batch.species_index]
+
+    def forward(
+        self, batch: Batch, level: str | None = None, forces: bool = True, create_graph: bool = False, stress: bool = False
+    ) -> Prediction:
+        """Energies (and forces; with `stress`, dE/d(strain) of each structure) of `batch` at `level`
+        (default: the batch's own level)."""
         level = self.resolve_level(level if level is not None else batch.level)
         batch = batch.to(next(self.parameters()).device)
         positions = batch.positions_angstrom.detach().requires_grad_(forces)
-        distance = self.neighbour_distances_angstrom(batch, positions)
+        strain = positions.new_zeros((batch.n_structures, 3, 3), requires_grad=True) if stress else None
+        distance = self.neighbour_distances_angstrom(batch, positions, strain)
         features = self.backbone(batch.species_index, batch.neighbour_index, distance, self.level_features(level))
-        residual = self.heads[self.level_heads[level]](features, batch.structure_index, batch.n_structures)
-        force = None
-        if forces:
-            (gradient,) = torch.autograd.grad(residual.sum(), positions, create_graph=create_graph)
-            force = -gradient
-        return Prediction(residual, self.reference_energy_ev(batch, level), force)
+        atom_residual = self.heads[self.level_heads[level]].atom_energies(features)
+        residual = structure_sums(atom_residual, batch.structure_index, batch.n_structures)
+        asked = ([positions] if forces else []) + ([strain] if stress else [])
+        gradients = list(torch.autograd.grad(residual.sum(), asked, create_graph=create_graph)) if asked else []
+        force = -gradients.pop(0) if forces else None
+        strain_derivative = gradients.pop(0) if stress else None
+        atom_reference = self.atom_reference_energy_ev(batch, level)
+        reference = self.reference_energy_ev(batch, level)
+        return Prediction(residual, reference, force, atom_residual, atom_reference, strain_derivative)
 
-    def neighbour_distances_angstrom(self, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
-        """(n_atoms, k) distance to each neighbour; padded slots get twice the cutoff (zero sensitivity)."""
+    def neighbour_distances_angstrom(
+        self, batch: Batch, positions: torch.Tensor, strain: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(n_atoms, k) distance to each neighbour; padded slots get twice the cutoff (zero sensitivity).
+
+        `strain` (n_structures, 3, 3), symmetrised to eps, deforms each structure homogeneously:
+        every displacement r_j + shift - r_i (a row vector) becomes (r_j + shift - r_i)(I + eps),
+        as positions and cell do under ASE's `atoms.set_cell(cell @ (I + eps), scale_atoms=True)`.
+        """
         vector = positions[batch.neighbour_index] - positions.unsqueeze(1) + batch.neighbour_shift_angstrom
+        if strain is not None:
+            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+            vector = vector + vector @ symmetric[batch.structure_index]
         padding = torch.full_like(vector, 2.0 * self.config.cutoff_angstrom / 3.0**0.5)
         return torch.linalg.vector_norm(torch.where(batch.neighbour_mask.unsqueeze(-1), vector, padding), dim=-1)
 
