@@ -64,6 +64,11 @@ def normalise_level(name: str) -> str:
     return f"{method}/{basis}" if basis else method
 
 
+def level_slug(name: str) -> str:
+    """A level or strategy name as a file-name part: letters, digits, '-' and '+' kept, others '_'."""
+    return "".join(character if character.isalnum() or character in "-+" else "_" for character in name)
+
+
 def same_level(first: str, second: str) -> bool:
     """Whether two names denote the same level of theory."""
     return normalise_level(first) == normalise_level(second)

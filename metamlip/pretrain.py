@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from metamlip import distributed
@@ -11,12 +12,13 @@ from metamlip.data.batching import Batcher
 from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.references import EnergyReference
 from metamlip.data.sources import read_sources
+from metamlip.evaluation.metrics import evaluate
 from metamlip.experiment.config import PretrainConfig
 from metamlip.model.potential import Potential
 from metamlip.strategies import PretrainBudget, Strategy, get_strategy
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import FitResult, Task, TrainingSettings, fit
-from metamlip.training.run_training import LevelSplit, model_dtype, new_potential, training_settings, use_threads, validation_splits
+from metamlip.training.run_training import LevelSplit, new_potential, training_settings, use_threads, validation_splits
 
 
 def level_tasks(model: Potential, splits: dict[str, LevelSplit], cutoff_angstrom: float, dtype) -> list[Task]:
@@ -41,41 +43,77 @@ def pretrain(
     run_dir: str | Path,
     resume: bool = False,
 ) -> tuple[Potential, FitResult | None]:
-    """A potential for `elements` pre-trained on every level of `splits` (untrained for `scratch`).
+    """A potential for `elements` pre-trained on the strategy's levels of `splits` (untrained for `scratch`).
 
-    Every strategy gets the same budget of gradient steps (and optional wall time); early
-    stopping is off and the last weights are kept, so no strategy stops sooner than another.
+    Every strategy gets the same budget of gradient steps (and optional wall time). With
+    `budget.until` 'steps' early stopping is off and the last weights are kept, so no strategy
+    stops sooner than another; with 'converged' every strategy stops by the same patience rule
+    on its validation loss and keeps its best weights.
     """
-    model = new_potential(model_section, elements)
+    model = new_potential(strategy.model_section(model_section), elements)
     if not strategy.pretrains:
         return model, None
-    for index, (level, split) in enumerate(splits.items()):
-        model.add_level(EnergyReference.fit(split.train, model.species), strategy.head_for_level(level, index))
-    tasks = level_tasks(model, splits, model_section.cutoff_angstrom, model_dtype(model_section))
+    tasks = pretraining_tasks(strategy, model, splits)
+    converged = budget.until == "converged"
     settings = dataclasses.replace(
         settings,
         max_epochs=budget.epochs,
         max_wall_seconds=budget.wall_seconds,
-        early_stopping_patience=budget.epochs + 1,
+        early_stopping_patience=budget.patience if converged else budget.epochs + 1,
         min_learning_rate=0.0,
-        restore_best=False,
+        restore_best=converged,
     )
     result = fit(model, strategy.epoch_plan(tasks, settings, budget), tasks, settings, run_dir, resume=resume)
     return model, result
 
 
+def pretraining_tasks(strategy: Strategy, model: Potential, splits: dict[str, LevelSplit]) -> list[Task]:
+    """Register the strategy's levels on `model` (reference fitted on each training part, head) and
+    return their tasks."""
+    splits = strategy.pretraining_splits(splits)
+    for index, (level, split) in enumerate(splits.items()):
+        model.add_level(EnergyReference.fit(split.train, model.species), strategy.head_for_level(level, index))
+    return level_tasks(model, splits, model.config.cutoff_angstrom, next(model.parameters()).dtype)
+
+
+def pretraining_summary(
+    strategy: Strategy, model: Potential, splits: dict[str, LevelSplit], result: FitResult | None, budget: PretrainBudget
+) -> dict:
+    """What a pre-training cost and reached: gradient steps, epochs, wall seconds, stop reason, and the
+    validation energy and force MAE of every level it trained on (eV, eV/Angstrom)."""
+    if result is None:
+        return {"gradient_steps": 0, "epochs": 0, "wall_seconds": 0.0, "stop_reason": "not pre-trained", "validation": {}}
+    splits = strategy.pretraining_splits(splits)
+    tasks = level_tasks(model, splits, model.config.cutoff_angstrom, next(model.parameters()).dtype)
+    validation = {}
+    for task in tasks:
+        if task.validation is not None:
+            metrics = evaluate(model, task.validation)
+            validation[task.level] = {"energy_mae_ev": metrics.energy_mae_ev, "force_mae_ev_per_angstrom": metrics.force_mae_ev_per_angstrom}
+    return {
+        "gradient_steps": result.epochs_run * strategy.gradient_steps_per_epoch(tasks, budget),
+        "epochs": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "wall_seconds": round(result.wall_seconds, 2),
+        "stop_reason": result.stop_reason,
+        "validation": validation,
+    }
+
+
 def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
     """`metamlip pretrain`: read (or open packed) levels, split off validation, pre-train, save OUTPUT_DIR/model.pt."""
     strategy = get_strategy(config.strategy)
-    use_threads(config.pretrain.training.threads)
     levels = read_sources(config.datasets, config.levels)
+    use_threads(config.pretrain.training.threads, levels.values())
     splits = validation_splits(levels, config.pretrain.validation_fraction, config.split_seed)
     elements = sorted({z for dataset in levels.values() for z in dataset.elements})
     settings = training_settings(config.pretrain.training)
     run_dir = Path(config.output_dir)
-    model, _ = pretrain(strategy, splits, elements, config.model, settings, config.pretrain.budget(), run_dir, resume)
+    budget = config.pretrain.budget()
+    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume)
     path = run_dir / "model.pt"
+    summary = pretraining_summary(strategy, model, splits, result, budget)
     if distributed.is_main_process():
-        save_checkpoint(path, model, extra={"strategy": strategy.name})
+        save_checkpoint(path, model, extra={"strategy": strategy.name, "pretraining": json.dumps(summary)})
     distributed.barrier()
     return path

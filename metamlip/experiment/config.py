@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from metamlip.config import DataSource, ModelSection, TrainingSection
 from metamlip.strategies import PretrainBudget, ReptileSettings
@@ -17,6 +18,8 @@ class PretrainSection:
     steps_per_epoch: int = 100
     task_sampling: str = "size"
     validation_fraction: float = 0.1
+    until: str = "steps"
+    patience: int = 10
     training: TrainingSection = field(default_factory=TrainingSection)
     reptile: ReptileSettings = field(default_factory=ReptileSettings)
 
@@ -27,6 +30,8 @@ class PretrainSection:
             steps_per_epoch=self.steps_per_epoch,
             task_sampling=self.task_sampling,
             reptile=self.reptile,
+            until=self.until,
+            patience=self.patience,
         )
 
 
@@ -88,6 +93,21 @@ class FinetuneConfig:
 
 
 @dataclass
+class SelectionSection:
+    """`metamlip select`: leave-one-level-out proxy tasks. Each proxy level in turn plays the target
+    (same N, its own held-out test set of `n_test`), pre-training on the other pre-training levels;
+    every point of a strategy's `grid` (dotted keys of `pretrain.`, `finetune.` or `model.` with lists
+    of values; all combinations) is scored by the geometric mean of its proxy test energy MAEs over
+    proxies, N and seeds. The target level is never read."""
+
+    proxy_levels: list[str] = field(default_factory=list)
+    n_finetune: list[int] = field(default_factory=lambda: [10])
+    seeds: int = 2
+    n_test: int = 50
+    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+
+@dataclass
 class ExperimentConfig:
     """`metamlip experiment`: every strategy pre-trained with one budget, fine-tuned for every N and seed,
     tested on a held-out target test set that no training or validation ever sees."""
@@ -96,12 +116,14 @@ class ExperimentConfig:
     pretrain_levels: list[str] = field(default_factory=list)
     target_level: str = ""
     strategies: list[str] = field(default_factory=lambda: ["scratch", "joint", "multihead", "reptile"])
+    strategy_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     n_test: int = 50
     split_seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     scans: list[ScanSource] = field(default_factory=list)
+    selection: SelectionSection = field(default_factory=SelectionSection)
     threads: int | None = None
     workers: int = 1
     output_dir: str = "runs/experiment"

@@ -25,7 +25,7 @@ CURVE_METRICS = (
 def format_results_table(results: dict) -> str:
     """Strategy x N table of test errors, mean +- std over seeds (meV, meV/Angstrom)."""
     scan_names = sorted({name for record in results["records"] for name in record.get("scans", {})})
-    header = f"{'strategy':<10} {'N':>5} {'seeds':>5} {'E MAE meV':>16} {'E/atom meV':>14} {'F MAE meV/A':>16}"
+    header = f"{'strategy':<20} {'N':>5} {'seeds':>5} {'E MAE meV':>16} {'E/atom meV':>14} {'F MAE meV/A':>16}"
     header += "".join(f" {name + ' extrema':>18} {name + ' d2 RMS':>20}" for name in scan_names)
     lines = [f"target level {results['target_level']}, test set of {results['n_test']} structures", header]
 
@@ -35,7 +35,7 @@ def format_results_table(results: dict) -> str:
         return f"{value['mean'] * scale:.{digits}f} +- {value['std'] * scale:.{digits}f}".rjust(width)
 
     for record in sorted(results["records"], key=lambda r: (r["n_finetune"], r["strategy"])):
-        line = (f"{record['strategy']:<10} {record['n_finetune']:>5} {record['seeds']:>5} {shown(record['energy_mae_ev'], 1e3, 16)}"
+        line = (f"{record['strategy']:<20} {record['n_finetune']:>5} {record['seeds']:>5} {shown(record['energy_mae_ev'], 1e3, 16)}"
                 f" {shown(record['energy_mae_per_atom_ev'], 1e3, 14)} {shown(record['force_mae_ev_per_angstrom'], 1e3, 16)}")
         for name in scan_names:
             scan = record.get("scans", {}).get(name, {})
@@ -85,6 +85,54 @@ def plot_scan_overlays(records: list[FinetuneRecord], references: list[ScanRefer
     return paths
 
 
+def pretraining_section(results: dict) -> list[str]:
+    """Markdown table: each strategy's pre-training steps, wall time, stop reason and validation errors per level."""
+    summaries = results.get("pretraining", {})
+    levels = sorted({level for summary in summaries.values() for level in summary["validation"]})
+    if not levels:
+        return []
+    lines = [
+        "## Pre-training",
+        "",
+        "Validation energy MAE (meV) / force MAE (meV/Angstrom) per pre-training level at the end of pre-training.",
+        "",
+        "| strategy | gradient steps | epochs | wall s | stop | " + " | ".join(f"`{level}`" for level in levels) + " |",
+        "|---" * (5 + len(levels)) + "|",
+    ]
+    for name, summary in summaries.items():
+        cells = []
+        for level in levels:
+            errors = summary["validation"].get(level)
+            force = errors and errors["force_mae_ev_per_angstrom"]
+            cells.append("-" if errors is None else f"{errors['energy_mae_ev'] * 1e3:.1f} / " + ("-" if force is None else f"{force * 1e3:.0f}"))
+        lines.append(f"| {name} | {summary['gradient_steps']} | {summary['epochs']} | {summary['wall_seconds']:.0f} | {summary['stop_reason']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def comparison_section(results: dict) -> list[str]:
+    """Markdown: the meta-learning claim at each N, then every pair of strategies (ratio of test
+    errors on the same fine-tuning draws, 95% bootstrap interval, verdict)."""
+    lines = ["## Paired comparisons", ""]
+    lines += [
+        "Ratio = mean test error of the first strategy / that of the second over the same fine-tuning draws (seeds); "
+        "interval = 95% percentile bootstrap over draws; win = interval below 1, loss = above 1, tie otherwise.",
+        "",
+    ]
+    for check in results.get("claim", []):
+        lines.append(
+            f"- **Claim at N = {check['n_finetune']} ({check['metric']})**: best meta-learner `{check['meta_learner']}` / best "
+            f"baseline `{check['baseline']}` = {check['ratio']:.2f} [{check['low']:.2f}, {check['high']:.2f}] over {check['draws']} draws: "
+            + ("holds" if check["holds"] else f"does not hold (needs <= {check['bound']} with the interval below 1)")
+        )
+    lines += ["", "| metric | N | strategy | against | ratio | 95% interval | verdict |", "|---|---|---|---|---|---|---|"]
+    for item in results.get("comparisons", []):
+        lines.append(
+            f"| {item['metric']} | {item['n_finetune']} | {item['strategy']} | {item['against']} | {item['ratio']:.2f} | "
+            f"[{item['low']:.2f}, {item['high']:.2f}] | {item['verdict']} |"
+        )
+    return lines + [""]
+
+
 def write_report(config: ExperimentConfig, results: dict, records: list[FinetuneRecord], references: list[ScanReference]) -> Path:
     """Write learning_curve.png, scan overlays and report.md in the output folder; print nothing."""
     out_dir = Path(config.output_dir)
@@ -114,6 +162,7 @@ def write_report(config: ExperimentConfig, results: dict, records: list[Finetune
             "second derivatives (eV/degree^2 for torsions, eV/Angstrom^2 for bonds) on a grid 4x denser than the reference.",
             "",
         ]
+    text += pretraining_section(results) + comparison_section(results)
     text += ["## Configuration", "", "```json", json.dumps(asdict(config), indent=2), "```", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(text), encoding="utf-8")

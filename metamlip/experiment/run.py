@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from metamlip import __version__
+from metamlip.config import from_mapping, set_dotted_key
 from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
@@ -25,24 +26,71 @@ from metamlip.experiment.config import ExperimentConfig
 from metamlip.experiment.records import FinetuneRecord, summarise
 from metamlip.experiment.report import write_report
 from metamlip.experiment.scans import ScanReference, load_scan_references, scan_model
+from metamlip.experiment.statistics import claim_check, pairwise_comparisons
 from metamlip.finetune import FinetuneOptions, finetune
-from metamlip.levels import normalise_level
+from metamlip.levels import level_slug, normalise_level
 from metamlip.model.potential import Potential
-from metamlip.pretrain import pretrain
-from metamlip.strategies import Strategy, get_strategy
-from metamlip.training.checkpoint import load_potential, save_checkpoint
+from metamlip.pretrain import pretrain, pretraining_summary
+from metamlip.strategies import META_LEARNERS, SINGLE_LEVEL_PREFIX, Strategy, get_strategy
+from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.run_training import LevelSplit, training_settings, validation_splits
+
+OVERRIDABLE_SECTIONS = ("pretrain", "finetune", "model")
+SHARED_KEYS = ("finetune.n_finetune", "finetune.seeds", "finetune.validation_fraction", "finetune.min_validation", "pretrain.validation_fraction")
 
 log = logging.getLogger("metamlip.experiment")
 
 
+def strategy_names(config: ExperimentConfig) -> list[str]:
+    """The configured strategies, `single` expanded to one `single:LEVEL` per pre-training level."""
+    names = []
+    for name in config.strategies:
+        if name == "single":
+            names += [SINGLE_LEVEL_PREFIX + normalise_level(level) for level in config.pretrain_levels]
+        else:
+            names.append(name)
+    return names
+
+
+def config_for_strategy(config: ExperimentConfig, name: str) -> ExperimentConfig:
+    """The config with the strategy's `strategy_settings` applied (dotted keys of `pretrain.`,
+    `finetune.` or `model.`); `single` settings apply to every `single:LEVEL`."""
+    overrides = config.strategy_settings.get(name)
+    if overrides is None and name.startswith(SINGLE_LEVEL_PREFIX):
+        overrides = config.strategy_settings.get("single")
+    if not overrides:
+        return config
+    mapping = asdict(config)
+    where = f"config key 'strategy_settings.{name}'"
+    for key, value in overrides.items():
+        if key.split(".")[0] not in OVERRIDABLE_SECTIONS or key in SHARED_KEYS:
+            raise InputError(
+                f"{where}: {key!r} cannot differ between strategies (allowed: keys of {', '.join(OVERRIDABLE_SECTIONS)} "
+                f"except {', '.join(SHARED_KEYS)}, which fix the data every strategy shares)"
+            )
+        set_dotted_key(mapping, key, value, where)
+    return from_mapping(ExperimentConfig, mapping, where=where)
+
+
+def check_strategies(config: ExperimentConfig) -> None:
+    """Every strategy known, every `single:LEVEL` a pre-training level, every setting valid."""
+    pretraining = {normalise_level(level) for level in config.pretrain_levels}
+    for name in strategy_names(config):
+        strategy = get_strategy(name)
+        if name.startswith(SINGLE_LEVEL_PREFIX) and strategy.level not in pretraining:
+            raise InputError(f"strategy {name!r}: {strategy.level!r} is not one of 'pretrain_levels' {sorted(pretraining)}")
+        config_for_strategy(config, name)
+    unused = set(config.strategy_settings) - set(strategy_names(config)) - {"single"}
+    if unused:
+        raise InputError(f"config key 'strategy_settings' names strategies that are not run: {sorted(unused)}")
+
+
 def read_experiment_levels(config: ExperimentConfig) -> dict[str, LevelData]:
     """Every level named by the config, read from its datasets; errors before any training."""
-    for name in config.strategies:
-        get_strategy(name)
+    check_strategies(config)
     if not config.target_level:
         raise InputError("config key 'target_level' is missing")
-    if not config.pretrain_levels and any(get_strategy(name).pretrains for name in config.strategies):
+    if not config.pretrain_levels and any(get_strategy(name).pretrains for name in strategy_names(config)):
         raise InputError("config key 'pretrain_levels' is empty but pre-training strategies are listed")
     wanted = [normalise_level(level) for level in config.pretrain_levels] + [normalise_level(config.target_level)]
     if len(set(wanted)) != len(wanted):
@@ -83,20 +131,22 @@ def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: l
 
 def pretrained_model(
     config: ExperimentConfig, strategy: Strategy, splits: dict[str, LevelSplit], elements: list[int], out_dir: Path
-) -> Potential:
-    """The strategy's pre-trained model, from the cache when the same config trained it before."""
-    path = out_dir / "pretrained" / f"{strategy.name}-{pretrain_cache_key(config, strategy, elements)}.pt"
+) -> tuple[Potential, dict]:
+    """The strategy's pre-trained model and its `pretraining_summary`, from the cache when the same
+    config trained it before."""
+    slug = level_slug(strategy.name)
+    path = out_dir / "pretrained" / f"{slug}-{pretrain_cache_key(config, strategy, elements)}.pt"
     if path.exists():
         log.info("%s: reusing pre-trained model %s", strategy.name, path)
-        return load_potential(path).train()
-    started = time.perf_counter()
+        payload = read_checkpoint(path)
+        return model_from_checkpoint(payload).train(), json.loads(payload["extra"]["pretraining"])
     settings = training_settings(config.pretrain.training)
-    model, _ = pretrain(
-        strategy, splits, elements, config.model, settings, config.pretrain.budget(), out_dir / "runs" / f"pretrain-{strategy.name}"
-    )
-    save_checkpoint(path, model, extra={"strategy": strategy.name, "pretrain_seconds": time.perf_counter() - started})
-    log.info("%s: pre-trained in %.0f s", strategy.name, time.perf_counter() - started)
-    return model
+    budget = config.pretrain.budget()
+    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, out_dir / "runs" / f"pretrain-{slug}")
+    summary = pretraining_summary(strategy, model, splits, result, budget)
+    save_checkpoint(path, model, extra={"strategy": strategy.name, "pretraining": json.dumps(summary)})
+    log.info("%s: pre-trained in %.0f s (%s)", strategy.name, summary["wall_seconds"], summary["stop_reason"])
+    return model, summary
 
 
 @dataclass
@@ -114,7 +164,11 @@ class ExperimentData:
 
 def prepare_experiment(config: ExperimentConfig) -> ExperimentData:
     """Read and split all data; every error in the config or the data surfaces here, before training."""
-    levels = read_experiment_levels(config)
+    return split_experiment_levels(config, read_experiment_levels(config))
+
+
+def split_experiment_levels(config: ExperimentConfig, levels: dict[str, LevelData]) -> ExperimentData:
+    """The target's test set and fine-tuning pool, and the pre-training levels' splits, from read levels."""
     target_level = normalise_level(config.target_level)
     scan_references = load_scan_references(config.scans)
     test, pool = hold_out_target(levels[target_level], config.n_test, config.split_seed)
@@ -126,27 +180,29 @@ def prepare_experiment(config: ExperimentConfig) -> ExperimentData:
     return ExperimentData(target_level, test, pool, pretrain_splits, elements, scan_references)
 
 
-def run_strategy(config: ExperimentConfig, data: ExperimentData, name: str) -> list[FinetuneRecord]:
-    """Pre-train one strategy (or reuse its cache), fine-tune it for every N and seed, test each model."""
+def run_strategy(config: ExperimentConfig, data: ExperimentData, name: str) -> tuple[list[FinetuneRecord], dict]:
+    """Pre-train one strategy (or reuse its cache), fine-tune it for every N and seed, test each model;
+    returns the records and the pre-training summary."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    config = config_for_strategy(config, name)
     out_dir = Path(config.output_dir)
     strategy = get_strategy(name)
-    base = pretrained_model(config, strategy, data.pretrain_splits, data.elements, out_dir)
+    base, summary = pretrained_model(config, strategy, data.pretrain_splits, data.elements, out_dir)
     settings = training_settings(config.finetune.training)
     options = FinetuneOptions(config.finetune.freeze_backbone, config.finetune.head_source, config.finetune.training.refit_reference)
     records = []
     for n_finetune in config.finetune.n_finetune:
         for seed in range(config.finetune.seeds):
             train, validation = finetune_subsets(data.pool, n_finetune, config.finetune.n_validation(n_finetune), seed)
-            run_dir = out_dir / "runs" / f"finetune-{name}-n{n_finetune}-seed{seed}"
+            run_dir = out_dir / "runs" / f"finetune-{level_slug(name)}-n{n_finetune}-seed{seed}"
             model, fit_result = finetune(base, strategy, train, validation, settings, run_dir, options)
             dtype = next(model.parameters()).dtype
             metrics = evaluate(model, make_batcher(data.test, model.species, model.config.cutoff_angstrom, dtype))
             scans = {reference.name: scan_model(model, reference, data.target_level) for reference in data.scan_references}
             records.append(FinetuneRecord(name, n_finetune, seed, metrics, scans, fit_result.epochs_run, fit_result.wall_seconds))
             log.info("%s N=%d seed=%d: test energy MAE %.4f eV", name, n_finetune, seed, metrics.energy_mae_ev)
-    return records
+    return records, summary
 
 
 def run_experiment(config: ExperimentConfig) -> dict:
@@ -156,24 +212,34 @@ def run_experiment(config: ExperimentConfig) -> dict:
     results do not depend on the number of workers."""
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     data = prepare_experiment(config)
-    if config.workers > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_quiet_worker) as pool:
-            per_strategy = list(pool.map(run_strategy, repeat(config), repeat(data), config.strategies))
-    else:
-        per_strategy = [run_strategy(config, data, name) for name in config.strategies]
-    records = [record for strategy_records in per_strategy for record in strategy_records]
+    names = strategy_names(config)
+    per_strategy = run_strategies(config, data, names)
+    records = [record for strategy_records, _ in per_strategy for record in strategy_records]
+    metrics = ["energy_mae_ev"] + (["force_mae_ev_per_angstrom"] if any(r.metrics.force_mae_ev_per_angstrom is not None for r in records) else [])
     results = {
         "metamlip_version": __version__,
         "target_level": data.target_level,
         "pretrain_levels": list(data.pretrain_splits),
         "n_test": len(data.test),
+        "strategy_settings": {name: config.strategy_settings.get(name, {}) for name in config.strategy_settings},
+        "pretraining": {name: summary for name, (_, summary) in zip(names, per_strategy)},
         "records": summarise(records),
+        "comparisons": [c for metric in metrics for c in pairwise_comparisons(records, metric)],
+        "claim": [c for metric in metrics for c in claim_check(records, META_LEARNERS, metric)],
         "runs": [record.to_dict() for record in records],
     }
     (Path(config.output_dir) / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     write_report(config, results, records, data.scan_references)
     return results
+
+
+def run_strategies(config: ExperimentConfig, data: ExperimentData, names: list[str]) -> list[tuple[list[FinetuneRecord], dict]]:
+    """`run_strategy` for every name, in `config.workers` parallel processes when more than one."""
+    if config.workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_quiet_worker) as pool:
+            return list(pool.map(run_strategy, repeat(config), repeat(data), names))
+    return [run_strategy(config, data, name) for name in names]
 
 
 def _quiet_worker() -> None:

@@ -7,15 +7,22 @@ then theta <- theta + epsilon * mean_i(theta'_i - theta). Epsilon anneals linear
 state is carried from meta-step to meta-step (averaged over the m tasks), so with
 k = 1, m = 1 and epsilon = 1 Reptile is exactly joint training on the same batches.
 
+Task-specific parameters (with `per_level_heads`: the energy heads, one per level) are
+not interpolated: a task's head keeps its adapted weights theta'_i, and a parameter is
+averaged only over the tasks that trained it (a task trains the shared backbone and its
+own head). The optimiser state is averaged the same way.
+
+Bookkeeping is a few flat tensor copies per meta-step (no deep copies of state dicts); with
+one task per meta-step on one process the optimiser state is not copied at all.
+
 Under torchrun the meta-step is task parallel: every process draws the same m tasks (same
 seed); process r adapts tasks r, r + W, ... (W processes, m >= W), and one all-reduce per
-meta-step sums the (theta'_i - theta), the inner optimiser states and the losses, which
-are then divided by m: the same arithmetic as the serial meta-step.
+meta-step sums the (theta'_i - theta), the optimiser states, the counts of tasks that
+trained each parameter and the losses: the same arithmetic as the serial meta-step.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,10 +36,12 @@ from metamlip.errors import InputError
 from metamlip.model.potential import Potential
 from metamlip.training.loop import Task, TrainingSettings, endless_batches, sample_task_order, train_steps
 
+LOSS_NAMES = ("loss", "energy_mse_per_atom_ev2", "force_mse_ev2_per_angstrom2")
+
 
 @dataclass(frozen=True)
 class ReptileSettings:
-    """Reptile's own knobs (see the module docstring)."""
+    """Knobs of the meta-learners (see the module docstring; `fomaml` uses the same ones)."""
 
     inner_steps: int = 5
     tasks_per_meta_step: int = 1
@@ -61,18 +70,13 @@ def reptile_update(theta: torch.Tensor, adapted: list[torch.Tensor], epsilon: fl
 
 
 @dataclass
-class ReptileEpochs:
-    """An epoch of Reptile: `meta_steps_per_epoch` meta-steps; batches depend only on (seed, epoch)."""
+class MetaEpochs:
+    """Epochs of meta-steps: each draws m tasks and k batches per task; batches depend only on (seed, epoch)."""
 
     tasks: list[Task]
     settings: TrainingSettings
     reptile: ReptileSettings
     meta_steps_per_epoch: int
-
-    def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
-        if self.reptile.inner_optimizer == "sgd":
-            return torch.optim.SGD(parameters, lr=self.reptile.inner_learning_rate)
-        return torch.optim.Adam(parameters, lr=self.reptile.inner_learning_rate, fused=True)
 
     def total_meta_steps(self) -> int:
         return self.settings.max_epochs * self.meta_steps_per_epoch
@@ -95,14 +99,32 @@ class ReptileEpochs:
             work = [(self.tasks[i], [next(streams[i]) for _ in range(self.reptile.inner_steps)]) for i in chosen]
             yield (epoch - 1) * self.meta_steps_per_epoch + step, work
 
+
+@dataclass
+class ReptileEpochs(MetaEpochs):
+    """Reptile epochs; `per_level_heads` makes the energy heads task specific (see the module docstring)."""
+
+    per_level_heads: bool = False
+
+    def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
+        if self.reptile.inner_optimizer == "sgd":
+            return torch.optim.SGD(parameters, lr=self.reptile.inner_learning_rate)
+        return torch.optim.Adam(parameters, lr=self.reptile.inner_learning_rate, fused=True)
+
     def run_epoch(self, model: Potential, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
         parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        specific = task_specific_mask(model, parameters) if self.per_level_heads else None
         losses = []
         for meta_step, work in self.epoch_meta_steps(epoch):
             epsilon = annealed_epsilon(self.reptile, meta_step, self.total_meta_steps())
-            losses.append(meta_step_update(model, parameters, optimizer, work, epsilon, self.settings))
-        mean = {name: float(np.mean([loss[name] for loss in losses if name in loss])) for name in losses[0]}
-        return mean | {"epsilon": epsilon}
+            losses.append(meta_step_update(model, parameters, optimizer, work, epsilon, self.settings, specific))
+        return mean_losses(losses) | {"epsilon": epsilon}
+
+
+def task_specific_mask(model: Potential, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Flat boolean vector over `parameters`: True for the entries of energy-head weights."""
+    head_ids = {id(parameter) for parameter in model.heads.parameters()}
+    return torch.cat([torch.full((p.numel(),), id(p) in head_ids, dtype=torch.bool, device=p.device) for p in parameters])
 
 
 def meta_step_update(
@@ -112,64 +134,128 @@ def meta_step_update(
     work: list[tuple[Task, list[Batch]]],
     epsilon: float,
     settings: TrainingSettings,
+    task_specific: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One Reptile meta-step in place on `model` and `optimizer` (see the module docstring)."""
-    theta = parameters_to_vector(parameters).detach().clone()
-    start_state = copy.deepcopy(optimizer.state_dict())
-    adapted, end_states, losses = [], [], []
     processes = distributed.world_size()
     if processes > 1:
         if len(work) < processes:
             raise InputError(f"reptile.tasks_per_meta_step ({len(work)}) must be at least the number of processes ({processes})")
         work = work[distributed.rank() :: processes]
+    theta = parameters_to_vector(parameters).detach().clone()
+    if processes == 1 and len(work) == 1:  # the inner optimiser's end state is the new state: nothing to copy
+        losses = train_steps(model, optimizer, work[0][1], settings.loss)
+        step = parameters_to_vector(parameters).detach() - theta
+        copy_into_parameters(theta + step_scale(epsilon, task_specific, theta) * step, parameters)
+        return losses
+    start = OptimizerStates.capture(optimizer, parameters)
+    difference = torch.zeros_like(theta)
+    trained = torch.zeros(len(parameters), dtype=theta.dtype, device=theta.device)
+    states = start.zeros()
+    losses = []
     for _, batches in work:
         copy_into_parameters(theta, parameters)
-        optimizer.load_state_dict(copy.deepcopy(start_state))  # load_state_dict aliases the tensors it is given
+        start.restore(optimizer, parameters)
         losses.append(train_steps(model, optimizer, batches, settings.loss))
-        adapted.append(parameters_to_vector(parameters).detach().clone())
-        end_states.append(copy.deepcopy(optimizer.state_dict()))
-    if processes > 1:
-        return _all_reduce_meta_step(theta, adapted, end_states, losses, parameters, optimizer, epsilon)
-    copy_into_parameters(reptile_update(theta, adapted, epsilon), parameters)
-    optimizer.load_state_dict(average_optimizer_states(end_states))
+        difference += parameters_to_vector(parameters).detach() - theta
+        was_trained = torch.tensor([p.grad is not None for p in parameters], dtype=theta.dtype, device=theta.device)
+        trained += was_trained
+        states += OptimizerStates.capture(optimizer, parameters).vector * start.expand(was_trained)
+    totals = loss_totals(losses).to(theta.device, theta.dtype)
+    flat = distributed.sum_across_processes(torch.cat([difference, trained, states, totals]))
+    difference, trained, states, totals = torch.split(flat, [theta.numel(), len(parameters), states.numel(), totals.numel()])
+    per_entry_count = torch.repeat_interleave(trained, torch.tensor([p.numel() for p in parameters], device=theta.device))
+    mean_difference = difference / per_entry_count.clamp(min=1.0)
+    copy_into_parameters(theta + step_scale(epsilon, task_specific, theta) * mean_difference, parameters)
+    start.restore(optimizer, parameters)
+    start.write_averages(optimizer, parameters, states, trained)
+    return losses_from_totals(totals)
+
+
+def step_scale(epsilon: float, task_specific: torch.Tensor | None, theta: torch.Tensor) -> torch.Tensor | float:
+    """Epsilon for shared entries, 1 (keep the adapted weights) for task-specific ones."""
+    if task_specific is None:
+        return epsilon
+    return torch.where(task_specific, torch.ones_like(theta), torch.full_like(theta, epsilon))
+
+
+@dataclass
+class OptimizerStates:
+    """The optimiser's per-parameter state as one flat vector (Adam: step, exp_avg, exp_avg_sq per
+    parameter; zeros where a parameter has no state yet; SGD without momentum: empty)."""
+
+    names: tuple[str, ...]
+    sizes: list[int]  # entries per parameter
+    present: list[bool]
+    vector: torch.Tensor
+
+    @classmethod
+    def capture(cls, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter]) -> OptimizerStates:
+        names = ("step", "exp_avg", "exp_avg_sq") if isinstance(optimizer, torch.optim.Adam) else ()
+        reference = parameters[0]
+        parts, sizes, present = [], [], []
+        for parameter in parameters:
+            state = optimizer.state.get(parameter, {})
+            present.append(bool(state))
+            for name in names:
+                value = state.get(name)
+                shape = () if name == "step" else parameter.shape
+                parts.append(torch.zeros(shape, dtype=reference.dtype, device=reference.device).reshape(-1) if value is None
+                             else value.detach().reshape(-1).to(reference.device, reference.dtype))
+            sizes.append(sum(1 if name == "step" else parameter.numel() for name in names))
+        vector = torch.cat(parts) if parts else reference.new_zeros(0)
+        return cls(names, sizes, present, vector.clone())
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros_like(self.vector)
+
+    def expand(self, per_parameter: torch.Tensor) -> torch.Tensor:
+        """A per-parameter vector repeated over each parameter's state entries."""
+        return torch.repeat_interleave(per_parameter, torch.tensor(self.sizes, device=per_parameter.device))
+
+    def restore(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter]) -> None:
+        """Put this captured state back (parameters without state then have none)."""
+        self._write(optimizer, parameters, self.vector, self.present)
+
+    def write_averages(self, optimizer, parameters, sums: torch.Tensor, trained: torch.Tensor) -> None:
+        """State of each parameter trained by at least one task: its sum over those tasks / their count."""
+        averages = sums / self.expand(trained).clamp(min=1.0)
+        self._write(optimizer, parameters, averages, [bool(count > 0) for count in trained], keep_others=True)
+
+    def _write(self, optimizer, parameters, vector: torch.Tensor, which: list[bool], keep_others: bool = False) -> None:
+        offset = 0
+        for parameter, size, chosen in zip(parameters, self.sizes, which):
+            if not chosen:
+                if not keep_others:
+                    optimizer.state.pop(parameter, None)
+                offset += size
+                continue
+            state = optimizer.state[parameter]
+            for name in self.names:
+                count = 1 if name == "step" else parameter.numel()
+                value = vector[offset : offset + count]
+                offset += count
+                if name == "step":
+                    state[name] = value.reshape(()).to(torch.float32).clone()
+                else:
+                    state[name] = value.view_as(parameter).clone()
+
+
+def loss_totals(losses: list[dict[str, float]]) -> torch.Tensor:
+    """[sum, count] of every loss part over tasks, as one float64 vector (for the all-reduce)."""
+    return torch.tensor(
+        [value for name in LOSS_NAMES for value in (sum(loss.get(name, 0.0) for loss in losses), sum(name in loss for loss in losses))],
+        dtype=torch.float64,
+    )
+
+
+def losses_from_totals(totals: torch.Tensor) -> dict[str, float]:
+    values = totals.tolist()
+    return {name: values[2 * i] / values[2 * i + 1] for i, name in enumerate(LOSS_NAMES) if values[2 * i + 1] > 0}
+
+
+def mean_losses(losses: list[dict[str, float]]) -> dict[str, float]:
     return {name: float(np.mean([loss[name] for loss in losses if name in loss])) for name in losses[0]}
-
-
-def _all_reduce_meta_step(
-    theta: torch.Tensor,
-    adapted: list[torch.Tensor],
-    end_states: list[dict],
-    losses: list[dict[str, float]],
-    parameters: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    epsilon: float,
-) -> dict[str, float]:
-    """Finish a task-parallel meta-step: sum this process's parts with the others' in one all-reduce."""
-    summed_state = copy.deepcopy(end_states[0])
-    state_keys = [
-        (key, name)
-        for key, parameter_state in sorted(summed_state["state"].items())
-        for name, value in sorted(parameter_state.items())
-        if isinstance(value, torch.Tensor) and value.is_floating_point()
-    ]
-    state_sums = [sum(state["state"][key][name] for state in end_states) for key, name in state_keys]
-    names = ["loss", "energy_mse_per_atom_ev2", "force_mse_ev2_per_angstrom2"]
-    loss_sums = [value for name in names for value in (sum(loss.get(name, 0.0) for loss in losses), sum(name in loss for loss in losses))]
-    parts = [
-        torch.stack([weights - theta for weights in adapted]).sum(dim=0),
-        *(value.reshape(-1).to(theta.device, theta.dtype) for value in state_sums),
-        torch.tensor([float(len(adapted)), *loss_sums], dtype=theta.dtype, device=theta.device),
-    ]
-    flat = distributed.sum_across_processes(torch.cat(parts))
-    n_tasks = float(flat[-1 - len(loss_sums)])
-    copy_into_parameters(theta + epsilon * (flat[: theta.numel()] / n_tasks), parameters)
-    offset = theta.numel()
-    for (key, name), value in zip(state_keys, state_sums):
-        summed_state["state"][key][name] = (flat[offset : offset + value.numel()].view_as(value) / n_tasks).to(value.device, value.dtype)
-        offset += value.numel()
-    optimizer.load_state_dict(summed_state)
-    totals = flat[-len(loss_sums) :].tolist()
-    return {name: totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names) if totals[2 * i + 1] > 0}
 
 
 def copy_into_parameters(vector: torch.Tensor, parameters: list[torch.nn.Parameter]) -> None:
@@ -179,15 +265,3 @@ def copy_into_parameters(vector: torch.Tensor, parameters: list[torch.nn.Paramet
         for parameter in parameters:
             parameter.copy_(vector[offset : offset + parameter.numel()].view_as(parameter))
             offset += parameter.numel()
-
-
-def average_optimizer_states(states: list[dict]) -> dict:
-    """Element-wise mean of the tensors of several optimiser states of the same parameters."""
-    if len(states) == 1:
-        return states[0]
-    averaged = copy.deepcopy(states[0])
-    for key, parameter_state in averaged["state"].items():
-        for name, value in parameter_state.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                parameter_state[name] = torch.stack([state["state"][key][name] for state in states]).mean(dim=0)
-    return averaged

@@ -1,0 +1,134 @@
+"""`metamlip select`: choose each strategy's settings on proxy tasks, never on the target.
+
+Leave one level out: each proxy level (by default every pre-training level) in turn plays the
+target with the experiment's N values and seeds, and the strategies pre-train on the other
+pre-training levels. Every point of a strategy's grid is fine-tuned and tested on the proxy's
+own held-out structures; its score is the geometric mean of those test energy MAEs over
+proxies, N and seeds. The target level is never read: sources declared as the target's
+(``level:`` or ``levels:`` naming only it) are not even opened. The output is the
+`strategy_settings` mapping an experiment config takes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+import multiprocessing
+
+import numpy as np
+import torch
+import yaml
+
+from metamlip.config import DataSource, from_mapping
+from metamlip.data.lazy_batching import LevelData
+from metamlip.data.sources import read_sources
+from metamlip.errors import InputError
+from metamlip.experiment.config import ExperimentConfig
+from metamlip.experiment.run import check_strategies, run_strategy, split_experiment_levels
+from metamlip.levels import level_slug, normalise_level
+
+log = logging.getLogger("metamlip.selection")
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, as {dotted key: value}; one empty point for no grid."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[key] for key in keys))]
+
+
+def declared_levels(source: DataSource) -> set[str] | None:
+    """The levels a source's config entry names (``level`` or ``levels``), None when it names none."""
+    names = source.levels or ([source.level] if source.level else None)
+    return {normalise_level(name) for name in names} if names else None
+
+
+def proxy_sources(config: ExperimentConfig) -> list[DataSource]:
+    """The datasets minus those declared to hold only the target level (they are never opened)."""
+    target = normalise_level(config.target_level)
+    return [source for source in config.datasets if declared_levels(source) != {target}]
+
+
+def proxy_config(config: ExperimentConfig, proxy: str, strategy: str, point: dict, out_dir: Path) -> ExperimentConfig:
+    """The experiment in which `proxy` is the target and the other pre-training levels pre-train."""
+    selection = config.selection
+    mapping = asdict(config)
+    mapping.update(
+        target_level=proxy,
+        pretrain_levels=[level for level in config.pretrain_levels if normalise_level(level) != proxy],
+        strategies=[strategy],
+        strategy_settings={strategy: point} if point else {},
+        n_test=selection.n_test,
+        scans=[],
+        workers=1,
+        output_dir=str(out_dir / level_slug(proxy)),
+    )
+    mapping["finetune"].update(n_finetune=selection.n_finetune, seeds=selection.seeds)
+    return from_mapping(ExperimentConfig, mapping, where=f"selection (proxy {proxy}, {strategy} {point})")
+
+
+def score_strategy(config: ExperimentConfig, levels: dict[str, LevelData], strategy: str, proxies: list[str], out_dir: Path) -> list[dict]:
+    """Every grid point of `strategy` on every proxy: per-run test energy MAEs and the score."""
+    scored = []
+    for point in grid_points(config.selection.grid.get(strategy, {})):
+        errors = []
+        for proxy in proxies:
+            proxy_experiment = proxy_config(config, proxy, strategy, point, out_dir)
+            wanted = [normalise_level(level) for level in proxy_experiment.pretrain_levels] + [proxy]
+            data = split_experiment_levels(proxy_experiment, {level: levels[level] for level in wanted})
+            records, _ = run_strategy(proxy_experiment, data, strategy)
+            errors += [{"proxy": proxy, "n_finetune": r.n_finetune, "seed": r.seed, "energy_mae_ev": r.metrics.energy_mae_ev} for r in records]
+        score = float(np.exp(np.mean(np.log([error["energy_mae_ev"] for error in errors]))))
+        log.info("%s %s: proxy score %.4f eV", strategy, point, score)
+        scored.append({"strategy": strategy, "settings": point, "score_energy_mae_ev": score, "runs": errors})
+    return scored
+
+
+def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
+    """Score every grid point of every strategy in `selection.grid` on the proxies; write
+    OUT/selection.json and OUT/selected.yaml (the chosen `strategy_settings`); return the results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not config.selection.grid:
+        raise InputError("config key 'selection.grid' is empty: list the settings to choose from per strategy")
+    check_strategies(config)
+    for strategy in config.selection.grid:
+        if strategy not in config.strategies:
+            raise InputError(f"config key 'selection.grid' names {strategy!r}, which is not in 'strategies'")
+    pretraining = [normalise_level(level) for level in config.pretrain_levels]
+    proxies = [normalise_level(level) for level in config.selection.proxy_levels] or pretraining
+    outside = sorted(set(proxies) - set(pretraining))
+    if outside:
+        raise InputError(f"config key 'selection.proxy_levels': {outside} are not pre-training levels (the target is never a proxy)")
+    levels = read_sources(proxy_sources(config), pretraining)
+    jobs = list(config.selection.grid)
+    if config.workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_one_thread, initargs=(config.threads,)) as pool:
+            per_strategy = list(pool.map(score_strategy, *zip(*[(config, levels, job, proxies, out_dir) for job in jobs])))
+    else:
+        _one_thread(config.threads)
+        per_strategy = [score_strategy(config, levels, job, proxies, out_dir) for job in jobs]
+    chosen = {scored[0]["strategy"]: min(scored, key=lambda item: item["score_energy_mae_ev"])["settings"] for scored in per_strategy}
+    results = {"proxy_levels": proxies, "target_level_read": False, "chosen": chosen, "scores": [item for scored in per_strategy for item in scored]}
+    (out_dir / "selection.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    (out_dir / "selected.yaml").write_text(yaml.safe_dump({"strategy_settings": chosen}, sort_keys=False), encoding="utf-8")
+    return results
+
+
+def format_selection(results: dict) -> str:
+    """One line per grid point: strategy, settings, proxy score (meV), the chosen ones marked."""
+    lines = [f"proxies: {', '.join(results['proxy_levels'])}"]
+    for item in results["scores"]:
+        mark = "*" if results["chosen"][item["strategy"]] == item["settings"] else " "
+        lines.append(f"{mark} {item['strategy']:<20} {item['score_energy_mae_ev'] * 1e3:9.2f} meV  {json.dumps(item['settings'])}")
+    return "\n".join(lines)
+
+
+def _one_thread(threads: int | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,115 @@
+"""Per-strategy settings, selection on proxy levels without reading the target, paired statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from metamlip.cli.main import main
+from metamlip.config import load_config
+from metamlip.experiment.config import ExperimentConfig
+from metamlip.experiment.run import config_for_strategy, run_experiment, strategy_names
+from metamlip.experiment.selection import run_selection
+from metamlip.experiment.statistics import paired_ratio
+
+
+def write_config(tmp_path: Path, data_dir: Path, name: str, target_path: Path | None = None, **changes) -> Path:
+    """Pre-training on QM7-X (PBE0+MBD) and COMP6 (wB97X/6-31G(d)); target MD17 ethanol, declared by level."""
+    config = {
+        "datasets": [
+            {"path": str(data_dir / "qm7x_226_raw.npz")},
+            {"path": str(data_dir / "comp6_s66x8_wb97x_631gd_4mol.h5")},
+            {"path": str(target_path or data_dir / "md17_ethanol_dft.npz"), "energy_unit": "kcal/mol", "level": "pbe+vdw-ts"},
+        ],
+        "pretrain_levels": ["pbe0+mbd", "wB97X/6-31G*"],
+        "target_level": "pbe+vdw-ts",
+        "strategies": ["joint", "reptile"],
+        "n_test": 20,
+        "model": {"n_features": 8, "n_sensitivities": 4, "n_interaction_layers": 1, "n_atom_layers": 1, "cutoff_angstrom": 5.0},
+        "pretrain": {"gradient_steps": 8, "steps_per_epoch": 4, "training": {"batch_size": 4, "progress": False},
+                     "reptile": {"inner_steps": 2, "tasks_per_meta_step": 1}},
+        "finetune": {"n_finetune": [4], "seeds": 3, "training": {"batch_size": 4, "max_epochs": 2, "progress": False}},
+        "selection": {"n_finetune": [4], "seeds": 2, "n_test": 10,
+                      "grid": {"reptile": {"pretrain.reptile.inner_steps": [1, 2], "finetune.training.learning_rate": [0.001]}}},
+        "threads": 1,
+        "output_dir": str(tmp_path / name),
+    }
+    config.update(changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_paired_ratio_bootstrap_and_verdicts():
+    same = paired_ratio([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert same["ratio"] == pytest.approx(1.0) and same["verdict"] == "tie"
+    half = paired_ratio([0.5, 1.0, 1.5, 2.0, 2.5], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert half["ratio"] == pytest.approx(0.5) and half["low"] == pytest.approx(0.5) and half["high"] == pytest.approx(0.5)
+    assert half["verdict"] == "win"
+    worse = paired_ratio([2.0, 2.2, 1.9, 2.1, 2.0], [1.0, 1.1, 1.0, 1.05, 0.95])
+    assert worse["verdict"] == "loss" and worse["low"] > 1
+    mixed = paired_ratio([1.0, 3.0, 1.0, 3.0, 2.0], [3.0, 1.0, 3.0, 1.0, 2.0])
+    assert mixed["verdict"] == "tie" and mixed["low"] < 1 < mixed["high"]
+
+
+def test_strategy_settings_apply_to_one_strategy_and_shared_keys_are_refused(tmp_path, data_dir, capsys):
+    path = write_config(tmp_path, data_dir, "settings", strategies=["joint", "single"],
+                        strategy_settings={"joint": {"finetune.training.learning_rate": 0.005}, "single": {"pretrain.gradient_steps": 4}})
+    config = load_config(path, ExperimentConfig)
+    assert strategy_names(config) == ["joint", "single:pbe0+mbd", "single:wb97x/6-31g(d)"]
+    assert config_for_strategy(config, "joint").finetune.training.learning_rate == 0.005
+    assert config_for_strategy(config, "single:pbe0+mbd").pretrain.gradient_steps == 4
+    assert config_for_strategy(config, "single:pbe0+mbd").finetune.training.learning_rate == config.finetune.training.learning_rate
+    bad = write_config(tmp_path, data_dir, "bad", strategy_settings={"joint": {"finetune.seeds": 5}})
+    assert main(["experiment", str(bad)]) == 2
+    assert "finetune.seeds" in capsys.readouterr().err
+    unknown = write_config(tmp_path, data_dir, "unknown", strategy_settings={"joint": {"finetune.training.learning_rat": 0.1}})
+    assert main(["experiment", str(unknown)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_experiment_reports_pretraining_cost_per_seed_values_and_paired_comparisons(tmp_path, data_dir):
+    path = write_config(tmp_path, data_dir, "stats", strategies=["joint", "reptile", "single:pbe0+mbd"])
+    results = run_experiment(load_config(path, ExperimentConfig))
+    assert set(results["pretraining"]) == {"joint", "reptile", "single:pbe0+mbd"}
+    for summary in results["pretraining"].values():
+        assert summary["gradient_steps"] == 8 and summary["wall_seconds"] > 0 and summary["validation"]
+    assert len([run for run in results["runs"] if run["strategy"] == "reptile"]) == 3
+    pairs = {(c["strategy"], c["against"], c["metric"]) for c in results["comparisons"]}
+    assert ("joint", "reptile", "energy_mae_ev") in pairs and ("joint", "reptile", "force_mae_ev_per_angstrom") in pairs
+    claim = [c for c in results["claim"] if c["metric"] == "energy_mae_ev"]
+    assert claim[0]["meta_learner"] == "reptile" and claim[0]["baseline"] in ("joint", "single:pbe0+mbd")
+    report = (Path(results_dir := load_config(path, ExperimentConfig).output_dir) / "report.md").read_text()
+    assert "## Pre-training" in report and "## Paired comparisons" in report and "single:pbe0+mbd" in report
+
+
+def test_selection_chooses_on_proxies_and_never_reads_the_target(tmp_path, data_dir, monkeypatch):
+    corrupt = tmp_path / "target.npz"
+    corrupt.write_bytes(b"not an npz file: reading it would fail")
+    path = write_config(tmp_path, data_dir, "select", target_path=corrupt)
+    import metamlip.data.batching as batching
+
+    levels_seen: set[str] = set()
+    original = batching.StructureBatcher.__init__
+
+    def recording_init(self, dataset, *args, **kwargs):
+        levels_seen.add(dataset.level)
+        original(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(batching.StructureBatcher, "__init__", recording_init)
+    results = run_selection(load_config(path, ExperimentConfig), tmp_path / "selection")
+    assert "pbe+vdw-ts" not in levels_seen and levels_seen == {"pbe0+mbd", "wb97x/6-31g(d)"}
+    assert results["proxy_levels"] == ["pbe0+mbd", "wb97x/6-31g(d)"]
+    scores = [item for item in results["scores"] if item["strategy"] == "reptile"]
+    assert len(scores) == 2 and all(len(item["runs"]) == 2 * 2 for item in scores)  # 2 proxies x 2 seeds
+    for item in scores:
+        assert item["score_energy_mae_ev"] == pytest.approx(np.exp(np.mean(np.log([run["energy_mae_ev"] for run in item["runs"]]))))
+    best = min(scores, key=lambda item: item["score_energy_mae_ev"])
+    assert results["chosen"] == {"reptile": best["settings"]}
+    selected = yaml.safe_load((tmp_path / "selection" / "selected.yaml").read_text())
+    assert selected == {"strategy_settings": results["chosen"]}
+    assert json.loads((tmp_path / "selection" / "selection.json").read_text())["chosen"] == results["chosen"]
