@@ -3,12 +3,23 @@ output, and bad input is one line naming the file, key, flag or index, on small 
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import ase.io
 import h5py
+import numpy as np
 import pytest
+from ase import Atoms
 from test_cli_errors import assert_one_line, run_cli
+
+from metamlip.cli.main import main
+from metamlip.labelling.fingerprint import input_record_path
 
 COMP6 = "comp6_s66x8_wb97x_631gd_4mol.h5"
 COMP6_LEVEL = "wb97x/6-31g(d)"
@@ -108,3 +119,122 @@ def test_pack_into_another_levels_folder_of_an_earlier_run_is_an_error(data_dir,
 def test_pack_out_that_is_a_file_is_an_error(data_dir, workplace, capsys):
     assert_one_line(*run_cli(capsys, "pack", str(data_dir / COMP6), "--out", "notes.txt"), "notes.txt", "not a folder")
     assert (workplace / "notes.txt").read_text() == "keep me\n"
+
+
+# ---- label: an --out that is not this input's label output is refused, never truncated ----
+
+@pytest.fixture
+def ethanol_xyz(data_dir: Path, tmp_path: Path) -> Path:
+    """Three MD17 ethanol geometries (no labels) as extended XYZ."""
+    pytest.importorskip("tblite")
+    data = np.load(data_dir / "md17_ethanol_dft.npz")
+    path = tmp_path / "ethanol.xyz"
+    ase.io.write(path, [Atoms(numbers=data["z"], positions=data["R"][i]) for i in range(3)])
+    return path
+
+
+def label(capsys, structures: Path, out: Path, *extra: str) -> tuple[int, str]:
+    return run_cli(capsys, "label", str(structures), "--level", "gfn2-xtb", "--out", str(out), "--quiet", *extra)
+
+
+def test_label_refuses_a_file_that_is_not_its_output(ethanol_xyz, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nnot structures\n")
+    assert_one_line(*label(capsys, ethanol_xyz, notes), str(notes), "not a metamlip label output", "--out")
+    assert notes.read_text() == "my notes\nnot structures\n"
+
+
+def test_label_refuses_the_input_as_out(ethanol_xyz, capsys):
+    before = ethanol_xyz.read_bytes()
+    assert_one_line(*label(capsys, ethanol_xyz, ethanol_xyz), str(ethanol_xyz), "--out is the input file")
+    assert ethanol_xyz.read_bytes() == before
+
+
+def test_label_resumes_only_the_same_input_and_settings(ethanol_xyz, tmp_path, capsys):
+    out = tmp_path / "labels.xyz"
+    assert label(capsys, ethanol_xyz, out)[0] == 0
+    labelled = out.read_bytes()
+    assert main(["label", str(ethanol_xyz), "--level", "gfn2-xtb", "--out", str(out), "--quiet"]) == 0
+    assert "0 labelled, 3 already in" in capsys.readouterr().out
+    assert out.read_bytes() == labelled
+
+    other = tmp_path / "other.xyz"
+    frames = ase.io.read(ethanol_xyz, ":")
+    frames[1].positions[0, 0] += 0.01
+    ase.io.write(other, frames)
+    assert_one_line(*label(capsys, other, out), str(out), "other input structures", "--out")
+    assert_one_line(*label(capsys, ethanol_xyz, out, "--charge", "2"), str(out), "charge 0 (this run: 2)")
+    code, error = run_cli(capsys, "label", str(ethanol_xyz), "--level", "gfn1-xtb", "--out", str(out), "--quiet")
+    assert_one_line(code, error, str(out), "'gfn2-xtb' (this run: 'gfn1-xtb')")
+    assert out.read_bytes() == labelled
+
+
+def test_label_output_without_fingerprint_says_what_to_do(ethanol_xyz, tmp_path, capsys):
+    out = tmp_path / "old.xyz"
+    assert label(capsys, ethanol_xyz, out)[0] == 0
+    input_record_path(out).unlink()  # as written before fingerprints existed
+    labelled = out.read_bytes()
+    assert_one_line(*label(capsys, ethanol_xyz, out), str(out), "without input fingerprints", "new --out")
+    assert out.read_bytes() == labelled
+
+
+def test_impossible_charge_names_the_flag_and_structure(ethanol_xyz, tmp_path, capsys):
+    out = tmp_path / "labels.xyz"
+    assert_one_line(*label(capsys, ethanol_xyz, out, "--charge", "30"), "structure 0", "--charge 30", "-4 electrons")
+    assert_one_line(*label(capsys, ethanol_xyz, out, "--multiplicity", "40"), "structure 0", "--multiplicity 40")
+    assert not out.exists()
+
+
+def test_label_workers_end_when_the_parent_is_killed(data_dir, tmp_path):
+    pytest.importorskip("pyscf")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    data = np.load(data_dir / "md17_ethanol_dft.npz")
+    structures = tmp_path / "ethanol.xyz"
+    ase.io.write(structures, [Atoms(numbers=data["z"], positions=data["R"][i]) for i in range(8)])
+    command = [sys.executable, "-m", "metamlip", "label", str(structures), "--level", "b3lyp/6-31g(d)",
+               "--out", str(tmp_path / "out.xyz"), "--workers", "2", "--quiet"]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers = wait_for(lambda: pool_workers(parent.pid) if len(pool_workers(parent.pid)) == 2 else None, 120)
+        assert workers and parent.poll() is None, "the label run ended before its workers could be seen"
+    finally:
+        parent.kill()
+        parent.wait()
+    ended = wait_for(lambda: not any(alive(pid) for pid in workers) or None, 10)
+    for pid in [pid for pid in workers if alive(pid)]:  # leave no orphans behind a failing test
+        os.kill(pid, signal.SIGKILL)
+    assert ended, f"workers {workers} outlived their parent"
+
+
+def pool_workers(parent_pid: int) -> list[int]:
+    """Process ids of the multiprocessing pool workers whose parent is `parent_pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent_pid and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for a reaper counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(condition, seconds: float):
+    """The first truthy value of `condition()` within `seconds` (polled every 0.1 s), else None."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    return None

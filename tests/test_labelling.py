@@ -81,20 +81,22 @@ def test_resume_skips_finished_structures(
 
     def counting_calculate(spec, numbers, positions_angstrom, charge=0, multiplicity=1):
         computed.append(len(computed))
+        if len(computed) in (3, 4):  # the first run stops after two structures, as a killed run would
+            raise RuntimeError("interrupted")
         return real_calculate(spec, numbers, positions_angstrom, charge, multiplicity)
 
     monkeypatch.setattr(labelling_runner, "calculate", counting_calculate)
     out = tmp_path / "labels.xyz"
-    first = label_structures(ethanol[:2], "gfn2-xtb", out, progress=False)
-    assert first.n_labelled == 2 and len(computed) == 2
+    first = label_structures(ethanol, "gfn2-xtb", out, progress=False)
+    assert first.n_labelled == 2 and len(computed) == 4 and sorted(first.failures) == [2, 3]
 
     second = label_structures(ethanol, "gfn2-xtb", out, progress=False)
-    assert len(computed) == 2 + (len(ethanol) - 2), "structures already in the output were recomputed"
+    assert len(computed) == 4 + (len(ethanol) - 2), "structures already in the output were recomputed"
     assert second.n_already_done == 2 and second.n_labelled == len(ethanol) - 2
     assert sorted(_energies_by_index(out)) == list(range(len(ethanol)))
 
     third = label_structures(ethanol, "gfn2-xtb", out, progress=False)
-    assert third.n_labelled == 0 and len(computed) == len(ethanol)
+    assert third.n_labelled == 0 and len(computed) == len(ethanol) + 2
 
 
 def test_torn_last_frame_is_cut_and_relabelled(ethanol: list[Atoms], tmp_path: Path) -> None:

@@ -37,10 +37,24 @@ class Label:
     forces_ev_per_angstrom: np.ndarray | None
 
 
+def electron_count(numbers: np.ndarray, charge: int) -> int:
+    """Electrons of a structure with atomic numbers `numbers` and total charge `charge` (e)."""
+    return int(np.sum(numbers)) - int(charge)
+
+
 def calculate(
     spec: LevelSpec, numbers: np.ndarray, positions_angstrom: np.ndarray, charge: int = 0, multiplicity: int = 1
 ) -> Label:
-    """Energy and forces of one structure (atomic numbers (n,), positions (n, 3) in Angstrom) at `spec`."""
+    """Energy and forces of one structure (atomic numbers (n,), positions (n, 3) in Angstrom) at `spec`.
+
+    CalculationFailed if `multiplicity` cannot go with the structure's electron count (parity).
+    """
+    electrons = electron_count(numbers, charge)
+    if (electrons - (multiplicity - 1)) % 2:
+        raise CalculationFailed(
+            f"spin multiplicity {multiplicity} is impossible with {electrons} electrons (charge {charge}): "
+            f"an {'even' if electrons % 2 == 0 else 'odd'} count needs an {'odd' if electrons % 2 == 0 else 'even'} multiplicity"
+        )
     backend = importlib.import_module(BACKEND_MODULES[spec.backend])
     energy_hartree, gradient_hartree_per_bohr = backend.energy_and_gradient(
         spec, np.asarray(numbers), np.asarray(positions_angstrom, dtype=np.float64), charge, multiplicity

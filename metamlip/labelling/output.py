@@ -4,7 +4,8 @@ Each frame carries energy (eV) and forces (eV/Angstrom) as a SinglePointCalculat
 and ``info['level_of_theory']``, ``info['energy_unit'] = 'eV'`` and
 ``info['source_index']`` (index of the structure in the input). Frames are written
 whole and fsync'ed, so a killed run leaves complete frames plus at most one torn
-frame at the end, which `completed_indices` cuts off before resuming.
+frame at the end, which `completed_indices` cuts off before resuming (only after
+`metamlip.labelling.fingerprint.claim_output` has matched the output to its input).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ frames to the input.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,8 +24,9 @@ import numpy as np
 from ase import Atoms
 from tqdm.auto import tqdm
 
-from metamlip.errors import InputError
-from metamlip.labelling.calculation import Label, calculate
+from metamlip.errors import InputError, OptionError
+from metamlip.labelling.calculation import Label, calculate, electron_count
+from metamlip.labelling.fingerprint import claim_output, input_fingerprint
 from metamlip.labelling.methods import LevelSpec, resolve_level
 from metamlip.labelling.output import (
     append_frame,
@@ -32,6 +34,7 @@ from metamlip.labelling.output import (
     labelled_atoms,
     write_failures,
 )
+from metamlip.labelling.parent_watch import end_with_parent
 from metamlip.labelling.threads import single_threaded, single_threaded_worker
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,12 @@ def _label_job(spec: LevelSpec, job: Job, charge: int, multiplicity: int) -> Out
         return index, None, f"{type(error).__name__}: {error}".strip()
 
 
+def _start_worker(backend: str, parent_pid: int) -> None:
+    """Process-pool initializer: end with the parent (no orphans after a kill -9), run single-threaded."""
+    end_with_parent(parent_pid)
+    single_threaded_worker(backend)
+
+
 def _outcomes(spec: LevelSpec, jobs: list[Job], workers: int, charge: int, multiplicity: int) -> Iterator[Outcome]:
     """Outcomes in completion order, computed here (workers=1) or in a process pool."""
     if workers == 1 or len(jobs) <= 1:
@@ -95,8 +104,8 @@ def _outcomes(spec: LevelSpec, jobs: list[Job], workers: int, charge: int, multi
     pool = ProcessPoolExecutor(
         max_workers=min(workers, len(jobs)),
         mp_context=get_context("spawn"),
-        initializer=single_threaded_worker,
-        initargs=(spec.backend,),
+        initializer=_start_worker,
+        initargs=(spec.backend, os.getpid()),
     )
     try:
         futures = [pool.submit(_label_job, spec, job, charge, multiplicity) for job in jobs]
@@ -106,11 +115,26 @@ def _outcomes(spec: LevelSpec, jobs: list[Job], workers: int, charge: int, multi
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _jobs(structures: Sequence[Atoms], skip: set[int]) -> list[Job]:
+def _check_electrons(index: int, numbers: np.ndarray, charge: int, multiplicity: int) -> None:
+    """OptionError naming the flag if `charge` leaves structure `index` no electrons, or fewer than
+    `multiplicity` - 1 unpaired ones (parity is checked per structure by `calculate`)."""
+    electrons = electron_count(numbers, charge)
+    if electrons <= 0:
+        raise OptionError(f"structure {index}: {{setting}} leaves {electrons} electrons ({int(np.sum(numbers))} protons)", "charge", charge)
+    if multiplicity - 1 > electrons:
+        raise OptionError(
+            f"structure {index}: {{setting}} needs {multiplicity - 1} unpaired electrons but the structure has {electrons}",
+            "multiplicity", multiplicity,
+        )
+
+
+def _jobs(structures: Sequence[Atoms], skip: set[int], charge: int, multiplicity: int) -> list[Job]:
+    """The structures still to label; InputError for a periodic one or an impossible charge or spin."""
     jobs = []
     for index, atoms in enumerate(structures):
         if atoms.pbc.any():
             raise InputError(f"structure {index} is periodic; labelling handles molecules only")
+        _check_electrons(index, atoms.get_atomic_numbers(), charge, multiplicity)
         if index not in skip:
             jobs.append((index, atoms.get_atomic_numbers(), atoms.get_positions()))
     return jobs
@@ -128,19 +152,23 @@ def label_structures(
     """Label `structures` (positions in Angstrom) at `level`, appending to the extended XYZ `out_path`.
 
     Energies go out in eV, forces in eV/Angstrom (where the method has analytic
-    gradients). Indices already in `out_path` are skipped; failed structures are
+    gradients). An existing `out_path` is resumed only if it was labelled from the same
+    structures and settings (`metamlip.labelling.fingerprint`: ``OUTPUT.input.json``), and
+    its indices are skipped; any other existing file is refused. Failed structures are
     reported by index in the report and in ``OUTPUT.failed.json``.
     """
     if workers < 1:
-        raise InputError(f"workers must be at least 1, got {workers}")
+        raise OptionError(f"{{option}} must be at least 1, got {workers}", "workers", workers)
     if multiplicity < 1:
-        raise InputError(f"spin multiplicity must be at least 1, got {multiplicity}")
+        raise OptionError(f"spin multiplicity {{option}} must be at least 1, got {multiplicity}", "multiplicity", multiplicity)
     spec = resolve_level(level)
     out_path = Path(out_path)
+    _jobs(structures, set(range(len(structures))), charge, multiplicity)  # input checks before the output is touched
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    claim_output(out_path, input_fingerprint(structures, spec.name, charge, multiplicity))
     start = time.perf_counter()
     done = completed_indices(out_path, spec.name)
-    jobs = _jobs(structures, done)
+    jobs = _jobs(structures, done, charge, multiplicity)
     report = LabelReport(spec.name, out_path, len(structures), n_already_done=len(done & set(range(len(structures)))))
     bar = tqdm(total=len(jobs), desc=f"label {spec.name}", unit="structure", disable=not progress)
     try:
