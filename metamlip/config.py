@@ -1,17 +1,19 @@
 """YAML run configurations, validated into typed dataclasses.
 
 Every key is a field of a dataclass below, documented in the README. Unknown keys,
-wrong types and missing files give an `InputError` naming the key.
+wrong types, values out of range (`VALUE_RULES`) and missing files give an `InputError`
+naming the key. `defaults_yaml` prints every key of a config class with its default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -79,6 +81,7 @@ class TrainingSection:
     checkpoint_interval_seconds: float = 10.0
     refit_reference: bool = True
     device: str = "cpu"
+    tensorboard: bool = False
 
 
 @dataclass
@@ -96,9 +99,11 @@ def load_config(path: str | Path, cls: type, overrides: list[str] = (), base_dir
     """Read YAML at `path`, apply ``key.sub=value`` overrides, and validate into `cls`."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such config file")
+        raise InputError(f"{path}: no such config file" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text (UTF-8) file; a config is YAML") from None
     except yaml.YAMLError as error:
         raise InputError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
     if not isinstance(mapping, dict):
@@ -115,13 +120,22 @@ def apply_override(mapping: dict, override: str) -> None:
     key, separator, text = override.partition("=")
     if not separator or not key:
         raise InputError(f"--set {override!r}: expected KEY=VALUE, e.g. training.learning_rate=0.002")
-    *parents, leaf = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise InputError(f"--set {override!r}: the value {text!r} is not valid YAML") from None
+    set_dotted_key(mapping, key.strip(), value, where=f"--set {override!r}")
+
+
+def set_dotted_key(mapping: dict, key: str, value: Any, where: str) -> None:
+    """Set ``mapping[a][b][c] = value`` for key ``a.b.c``, creating sections as needed."""
+    *parents, leaf = key.split(".")
     target = mapping
     for part in parents:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
-            raise InputError(f"--set {override!r}: {part!r} is not a section")
-    target[leaf] = yaml.safe_load(text)
+            raise InputError(f"{where}: {part!r} is not a section")
+    target[leaf] = value
 
 
 def from_mapping(cls: type, mapping: Any, where: str, prefix: str = ""):
@@ -134,7 +148,47 @@ def from_mapping(cls: type, mapping: Any, where: str, prefix: str = ""):
         if key not in known:
             raise InputError(f"{where}: unknown config key {prefix + str(key)!r}; known keys here: {sorted(known)}")
     values = {key: _coerce(hints[key], value, where, prefix + key) for key, value in mapping.items()}
+    for key, value in values.items():
+        _check_value(key, value, where, prefix + key)
     return cls(**values)
+
+
+def _positive(value: Any) -> str:
+    return "" if value is None or value > 0 else "must be > 0"
+
+
+def _at_least_one(value: Any) -> str:
+    return "" if value is None or value >= 1 else "must be at least 1"
+
+
+def _device(value: str) -> str:
+    return "" if re.fullmatch(r"cpu|cuda(:\d+)?|mps", value) else "must be cpu, cuda or cuda:N"
+
+
+VALUE_RULES: dict[str, Callable[[Any], str]] = {
+    # a key of this name in any section: empty string if the value is fine, else what is wrong
+    "batch_size": _positive,
+    "learning_rate": _positive,
+    "threads": _positive,
+    "n_features": _positive,
+    "n_sensitivities": _positive,
+    "n_interaction_layers": _positive,
+    "n_atom_layers": _positive,
+    "soft_min_angstrom": _positive,
+    "soft_max_angstrom": _positive,
+    "cutoff_angstrom": _positive,
+    "max_epochs": _at_least_one,
+    "max_wall_seconds": _positive,
+    "device": _device,
+}
+
+
+def _check_value(name: str, value: Any, where: str, key: str) -> None:
+    """InputError naming `key` when a rule of `VALUE_RULES` rejects `value`."""
+    rule = VALUE_RULES.get(name)
+    problem = rule(value) if rule is not None else ""
+    if problem:
+        raise InputError(f"{where}: config key {key!r} {problem}, got {value!r}")
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
@@ -147,6 +201,10 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
         return _coerce(hint, value, where, key)
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, where, key + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: config key {key!r} must be a mapping, got {value!r}")
+        return {str(name): _coerce(arguments[1], item, where, f"{key}.{name}") for name, item in value.items()}
     if origin is list:
         items = value if isinstance(value, list) else [value]
         return [_coerce(arguments[0], item, where, f"{key}[{index}]") for index, item in enumerate(items)]
@@ -182,3 +240,23 @@ def resolve_paths(config: Any, base_dir: Path, prefix: str = "") -> None:
             if dataclasses.is_dataclass(item):
                 where = f"{prefix}{name}[{index}]." if isinstance(value, list) else f"{prefix}{name}."
                 resolve_paths(item, base_dir, where)
+
+
+def default_mapping(cls: type) -> dict[str, Any]:
+    """Every key of config class `cls` with its default; a list of sections shows one default item."""
+    hints = typing.get_type_hints(cls)
+    mapping = {}
+    for item in dataclasses.fields(cls):
+        value = getattr(cls(), item.name)
+        arguments = typing.get_args(hints[item.name])
+        if dataclasses.is_dataclass(value):
+            value = default_mapping(type(value))
+        elif typing.get_origin(hints[item.name]) is list and arguments and dataclasses.is_dataclass(arguments[0]):
+            value = [default_mapping(arguments[0])]
+        mapping[item.name] = value
+    return mapping
+
+
+def defaults_yaml(cls: type) -> str:
+    """`default_mapping(cls)` as YAML, keys in the order of the dataclass fields."""
+    return yaml.safe_dump(default_mapping(cls), sort_keys=False, default_flow_style=False)

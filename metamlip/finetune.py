@@ -20,7 +20,7 @@ from metamlip.strategies import Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
 from metamlip.training.refit import refit_reference
-from metamlip.training.run_training import split_dataset, training_settings, use_threads
+from metamlip.training.run_training import split_dataset, training_settings, use_threads, write_test_metrics
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def finetune(
     if missing:
         raise InputError(f"{train.source}: elements {missing} unknown to the pre-trained model (species {model.species})")
     head = strategy.finetune_head(model, level, options.head_source)
-    model.add_level(EnergyReference.fit(train, model.species), head)
+    model.add_level(EnergyReference.fit(train, model.species), head, embedding_from_mean=True)
     if options.freeze_backbone:
         for parameter in model.backbone.parameters():
             parameter.requires_grad_(False)
@@ -81,15 +81,16 @@ def finetune(
 
 
 def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
-    """`metamlip finetune`: split the target level, refit the checkpoint, test, save OUTPUT_DIR/model.pt."""
-    use_threads(config.training.threads)
+    """`metamlip finetune`: split the target level, refit the checkpoint, test, save OUTPUT_DIR/model.pt
+    (and OUTPUT_DIR/test_metrics.json when there is a test set)."""
     payload = read_checkpoint(config.checkpoint)
-    pretrained = model_from_checkpoint(payload)
+    pretrained = model_from_checkpoint(payload, config.checkpoint)
     strategy = get_strategy(payload["extra"].get("strategy", "joint"))
     target = read_source_level(config.dataset)
+    use_threads(config.training.threads, [target])
     n_validation = config.n_validation if config.n_validation is not None else max(2, round(0.2 * config.n_finetune))
     split = SplitConfig(seed=config.split_seed, train=config.n_finetune, validation=n_validation, test=config.n_test)
-    parts = split_dataset(target, split)
+    parts = split_dataset(target, split, keys=("n_finetune", "n_validation", "n_test"))
     run_dir = Path(config.output_dir)
     options = FinetuneOptions(config.freeze_backbone, config.head_source, config.training.refit_reference)
     model, _ = finetune(pretrained, strategy, parts.train, parts.validation, training_settings(config.training), run_dir, options)
@@ -99,4 +100,6 @@ def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
     metrics = None
     if len(parts.test):
         metrics = evaluate(model, make_batcher(parts.test, model.species, model.config.cutoff_angstrom, next(model.parameters()).dtype))
+        if distributed.is_main_process():
+            write_test_metrics(run_dir, {target.level: metrics})
     return run_dir / "model.pt", metrics

@@ -17,7 +17,7 @@ from metamlip import __version__, distributed
 from metamlip.errors import InputError
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "train", "evaluate", "label", "scan", "pretrain", "finetune", "experiment", "demo", "pack",
+    "train", "evaluate", "label", "scan", "pretrain", "finetune", "experiment", "select", "demo", "pack",
 )
 DISTRIBUTED_COMMANDS: tuple[str, ...] = ("train", "pretrain", "finetune")  # the ones that run under torchrun
 
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"metamlip {args.command}: error: {error.filename or error}: no such file", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"metamlip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # TrainingInterrupted carries its message and exit code (143 for SIGTERM)
+        print(f"metamlip {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
+        return getattr(interrupt, "exit_code", 130)
     finally:
         distributed.shutdown()
 

@@ -1,26 +1,26 @@
-"""`metamlip train CONFIG.yaml [--set key=value ...] [--resume]`."""
+"""`metamlip train CONFIG.yaml [--set key=value ...] [--resume | --overwrite] [--print-defaults]`."""
 
 from __future__ import annotations
 
 import argparse
 
 from metamlip import distributed
-from metamlip.config import TrainConfig, load_config
+from metamlip.cli.run_arguments import add_config_arguments, read_run_config
+from metamlip.config import TrainConfig
 from metamlip.evaluation.table import format_metrics_table
 from metamlip.training.run_training import run_training
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a potential on labelled structures")
-    parser.add_argument("config", help="YAML config (keys documented in the README)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set training.max_epochs=10")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+    add_config_arguments(parser, resume=True, overwrite=True)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, TrainConfig, args.overrides)
+    config = read_run_config(args, TrainConfig)
+    if config is None:
+        return 0
     report = run_training(config, resume=args.resume)
     if not distributed.is_main_process():
         return 0

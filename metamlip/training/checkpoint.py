@@ -66,18 +66,47 @@ def read_checkpoint(path: str | Path) -> dict:
         raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__}: {first_line})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a metamlip checkpoint")
+    problem = _payload_problem(payload)
+    if problem:
+        raise InputError(f"{path}: damaged checkpoint: {problem}")
     if payload["format_version"] > CHECKPOINT_FORMAT_VERSION:
         raise InputError(f"{path}: checkpoint format {payload['format_version']} is newer than this metamlip")
     return payload
 
 
-def model_from_checkpoint(payload: dict) -> Potential:
-    """Rebuild the potential stored in a checkpoint dictionary."""
-    model = Potential.from_description(payload["model"]).to(getattr(torch, payload["dtype"]))
-    model.load_state_dict(payload["state_dict"])
+PAYLOAD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "model": dict,
+    "dtype": str,
+    "state_dict": dict,
+    "training_state": (dict, type(None)),
+    "extra": dict,
+}
+
+
+def _payload_problem(payload: dict) -> str:
+    """What is wrong with the fields of a checkpoint dictionary (empty string: nothing)."""
+    for key, kind in PAYLOAD_TYPES.items():
+        if not isinstance(payload.get(key), kind):
+            return f"{key!r} is missing or has the wrong type"
+    if payload["dtype"] not in ("float32", "float64"):
+        return f"'dtype' is {payload['dtype']!r}, not float32 or float64"
+    if not all(isinstance(tensor, torch.Tensor) for tensor in payload["state_dict"].values()):
+        return "'state_dict' holds something other than tensors"
+    return ""
+
+
+def model_from_checkpoint(payload: dict, path: str | Path = "checkpoint") -> Potential:
+    """Rebuild the potential stored in a checkpoint dictionary (read from `path`, named in errors)."""
+    try:
+        model = Potential.from_description(payload["model"]).to(getattr(torch, payload["dtype"]))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:160]
+        raise InputError(f"{path}: damaged checkpoint: model and weights do not fit ({type(error).__name__}: {first_line})") from None
     return model
 
 
 def load_potential(path: str | Path) -> Potential:
     """The potential stored at `path`, in evaluation mode."""
-    return model_from_checkpoint(read_checkpoint(path)).eval()
+    return model_from_checkpoint(read_checkpoint(path), path).eval()

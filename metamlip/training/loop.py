@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from metamlip.errors import InputError
 from metamlip.model.potential import Potential
 from metamlip.training.checkpoint import read_checkpoint, save_checkpoint
 from metamlip.training.loss import LossWeights, batch_loss
+from metamlip.training.run_dir import prepare_run_dir
+from metamlip.training.signals import StopRequests, TrainingInterrupted
+from metamlip.training.tensorboard import EpochBoard
 
 log = logging.getLogger("metamlip.training")
 
@@ -58,6 +62,7 @@ class TrainingSettings:
     restore_best: bool = True
     checkpoint_interval_seconds: float = 10.0
     device: str = "cpu"
+    tensorboard: bool = False
 
 
 @dataclass
@@ -190,16 +195,18 @@ class MixedBatchEpochs:
         return train_steps(model, optimizer, self.epoch_batches(epoch), self.settings.loss, self.parallel_model)
 
 
-def validation_loss(model: Potential, tasks: list[Task], weights: LossWeights, batch_size: int = 64) -> dict[str, float]:
-    """Structure-weighted mean loss over the validation sets of all tasks.
+def validation_loss(
+    model: Potential, tasks: list[Task], weights: LossWeights, batch_size: int = 64, per_level: dict | None = None
+) -> dict[str, float]:
+    """Structure-weighted mean loss over the validation sets of all tasks; with `per_level` (a dict)
+    each level's own metrics are stored in it as well.
 
     Under torchrun the processes share out the batches and sum their totals.
     """
     model.eval()
-    total = energy = force = 0.0
-    structures = force_structures = 0
+    sums = torch.zeros(len(tasks), 5, dtype=torch.float64)  # loss, energy MSE, force MSE (x structures), structures, force structures
     share = 0
-    for task in tasks:
+    for row, task in enumerate(tasks):
         if task.validation is None:
             continue
         for indices in task.validation.batch_orders(batch_size):
@@ -208,15 +215,22 @@ def validation_loss(model: Potential, tasks: list[Task], weights: LossWeights, b
                 continue
             batch = task.validation.batch(indices)
             loss = batch_loss(model, batch, weights, create_graph=False)
-            total += float(loss.total.detach()) * batch.n_structures
-            energy += loss.energy_mse_per_atom_ev2 * batch.n_structures
+            n = batch.n_structures
+            sums[row, 0] += float(loss.total.detach()) * n
+            sums[row, 1] += loss.energy_mse_per_atom_ev2 * n
             if loss.force_mse_ev2_per_angstrom2 is not None:
-                force += loss.force_mse_ev2_per_angstrom2 * batch.n_structures
-                force_structures += batch.n_structures
-            structures += batch.n_structures
-    if distributed.world_size() > 1:
-        sums = torch.tensor([total, energy, force, structures, force_structures], dtype=torch.float64)
-        total, energy, force, structures, force_structures = distributed.sum_across_processes(sums).tolist()
+                sums[row, 2] += loss.force_mse_ev2_per_angstrom2 * n
+                sums[row, 4] += n
+            sums[row, 3] += n
+    sums = distributed.sum_across_processes(sums.flatten()).reshape(len(tasks), 5)
+    if per_level is not None and len(tasks) > 1:
+        per_level.update({task.level: _validation_means(row) for task, row in zip(tasks, sums) if row[3] > 0})
+    return _validation_means(sums.sum(dim=0))
+
+
+def _validation_means(sums: torch.Tensor) -> dict[str, float]:
+    """Validation metrics from the five sums of `validation_loss` (empty without structures)."""
+    total, energy, force, structures, force_structures = sums.tolist()
     if structures == 0:
         return {}
     result = {"val_loss": total / structures, "val_energy_rmse_per_atom_ev": math.sqrt(energy / structures)}
@@ -236,14 +250,18 @@ def fit(
 ) -> FitResult:
     """Train `model` epoch by epoch with `plan`; checkpoint to `run_dir` and restore the best weights.
 
+    A loss that becomes NaN or infinite stops the run with `TrainingDiverged`, leaving the last
+    checkpoint (of finite weights) in place and writing no model. SIGINT/SIGTERM finish the epoch,
+    write the checkpoint and raise `TrainingInterrupted` (`metamlip.training.signals`).
     Under torchrun every process runs this loop in lockstep; only rank 0 writes the log and
     checkpoints, and every rank reads the checkpoint on `resume` (`run_dir` must be shared).
     """
+    if settings.max_epochs < 1:
+        raise InputError(f"training.max_epochs must be at least 1, got {settings.max_epochs}")
     main = distributed.is_main_process()
     model.to(distributed.training_device(settings.device))
     distributed.copy_from_main_process(model)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(run_dir) if main else Path(run_dir)
     trained = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     optimizer = plan.make_optimizer(trained, settings)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -252,40 +270,39 @@ def fit(
     state = _TrainingState(best_state=copy.deepcopy(model.state_dict()))
     if resume:
         state = _resume(run_dir / CHECKPOINT_NAME, model, optimizer, scheduler)
-    if main:
-        (run_dir / LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in state.history), encoding="utf-8")
+    files = _RunFiles.open(run_dir, main, settings, state.history, state.epoch if resume else None)
 
     started = time.perf_counter() - state.wall_seconds
-    last_checkpoint = time.perf_counter()
-    stop_reason = "max_epochs"
+    stop_reason = ""
     epochs = range(state.epoch + 1, settings.max_epochs + 1)
     # disable=None: tqdm draws only on a terminal; log.jsonl records every epoch anyway
     bar = tqdm(epochs, desc="training", unit="epoch", disable=None if settings.progress and main else True, dynamic_ncols=True)
-    for epoch in bar:
-        train_metrics = plan.run_epoch(model, optimizer, epoch)
-        val_metrics = validation_loss(model, validation_tasks, settings.loss, settings.batch_size * 2)
-        monitored = val_metrics.get("val_loss", train_metrics["loss"])
-        scheduler.step(monitored)
-        if monitored < state.best_loss:
-            state.best_loss, state.best_epoch = monitored, epoch
-            state.best_state = copy.deepcopy(model.state_dict())
-        state.epoch = epoch
-        state.wall_seconds = distributed.value_of_main_process(time.perf_counter() - started)
-        record = {"epoch": epoch, "wall_seconds": round(state.wall_seconds, 3), "learning_rate": optimizer.param_groups[0]["lr"]}
-        record.update({f"train_{name}" if name != "loss" else "train_loss": value for name, value in train_metrics.items()})
-        record.update(val_metrics)
-        state.history.append(record)
-        if main:
-            _append_jsonl(run_dir / LOG_NAME, record)
-        bar.set_postfix(_postfix(record), refresh=False)
-        stop_reason = _stop_reason(state, settings, optimizer)
-        last_epoch = bool(stop_reason) or epoch == settings.max_epochs
-        if main and (last_epoch or time.perf_counter() - last_checkpoint >= settings.checkpoint_interval_seconds):
-            save_checkpoint(run_dir / CHECKPOINT_NAME, model, state.to_dict(optimizer, scheduler))
-            last_checkpoint = time.perf_counter()
-        if stop_reason:
-            break
-    bar.close()
+    try:
+        with StopRequests() as stop_requests:
+            for epoch in bar:
+                train_metrics = plan.run_epoch(model, optimizer, epoch)
+                per_level: dict[str, dict[str, float]] = {}
+                val_metrics = validation_loss(model, validation_tasks, settings.loss, settings.batch_size * 2, per_level)
+                monitored = val_metrics.get("val_loss", train_metrics["loss"])
+                state.wall_seconds = distributed.value_of_main_process(time.perf_counter() - started)
+                record = _epoch_record(epoch, state.wall_seconds, optimizer, train_metrics, val_metrics)
+                files.log(record, per_level)
+                if not (math.isfinite(train_metrics["loss"]) and math.isfinite(monitored)):
+                    raise _diverged(record, run_dir, files.checkpoint_epoch)
+                scheduler.step(monitored)
+                state.record_epoch(epoch, monitored, record, model)
+                bar.set_postfix(_postfix(record), refresh=False)
+                stop_reason = _stop_reason(state, settings, optimizer)
+                signal_number = _pending_signal(stop_requests)
+                last = bool(stop_reason) or epoch == settings.max_epochs or signal_number is not None
+                files.checkpoint(model, state, optimizer, scheduler, now=last)
+                if signal_number is not None:
+                    raise _interrupted(signal_number, epoch, run_dir)
+                if stop_reason:
+                    break
+    finally:
+        bar.close()
+        files.close()
     stop_reason = stop_reason or "max_epochs"
     if settings.restore_best:
         model.load_state_dict(state.best_state)
@@ -299,6 +316,82 @@ def fit(
     return FitResult(model, state.best_epoch, state.best_loss, state.epoch, state.wall_seconds, stop_reason, state.history)
 
 
+def _epoch_record(epoch: int, wall_seconds: float, optimizer: torch.optim.Optimizer, train: dict, validation: dict) -> dict:
+    """One line of log.jsonl: epoch, wall time (s), learning rate, train_* and val_* metrics."""
+    record = {"epoch": epoch, "wall_seconds": round(wall_seconds, 3), "learning_rate": optimizer.param_groups[0]["lr"]}
+    record.update({f"train_{name}" if name != "loss" else "train_loss": value for name, value in train.items()})
+    record.update(validation)
+    return record
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or infinite; the message names the epoch and the last good checkpoint."""
+
+
+def _diverged(record: dict, run_dir: Path, checkpoint_epoch: int | None) -> TrainingDiverged:
+    kept = (
+        f"the last good checkpoint is {run_dir / CHECKPOINT_NAME} (epoch {checkpoint_epoch}); "
+        if checkpoint_epoch is not None else "no checkpoint was written yet; "
+    )
+    loss = record["train_loss"] if not math.isfinite(record["train_loss"]) else record.get("val_loss")
+    again = " and start again with --overwrite" if checkpoint_epoch is not None else ""
+    return TrainingDiverged(
+        f"training diverged at epoch {record['epoch']} (loss {loss}); no model was written; {kept}"
+        f"lower training.learning_rate (now {record['learning_rate']:g}){again}"
+    )
+
+
+def _pending_signal(stop_requests: StopRequests) -> int | None:
+    """The signal that asks to stop; under torchrun rank 0's, so that all processes stop after the same epoch."""
+    if distributed.world_size() == 1:
+        return stop_requests.signal_number
+    return int(distributed.value_of_main_process(float(stop_requests.signal_number or 0))) or None
+
+
+def _interrupted(signal_number: int, epoch: int, run_dir: Path) -> TrainingInterrupted:
+    distributed.barrier()  # the checkpoint is written before any process exits
+    return TrainingInterrupted(
+        f"{signal.Signals(signal_number).name}: stopped after epoch {epoch}; checkpoint: {run_dir / CHECKPOINT_NAME} "
+        "(continue with --resume)",
+        signal_number,
+    )
+
+
+@dataclass
+class _RunFiles:
+    """What the main process writes to the run folder during `fit`: log.jsonl, TensorBoard and the
+    resumable checkpoint (every `interval_seconds`, and when asked to write `now`)."""
+
+    run_dir: Path
+    main: bool
+    interval_seconds: float
+    board: EpochBoard | None
+    checkpoint_epoch: int | None  # epoch of the last checkpoint written (or resumed from)
+    last_checkpoint: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, run_dir: Path, main: bool, settings: TrainingSettings, history: list[dict], resumed_epoch: int | None) -> _RunFiles:
+        board = EpochBoard(run_dir) if settings.tensorboard and main else None
+        if main:
+            (run_dir / LOG_NAME).write_text("".join(strict_json(record) + "\n" for record in history), encoding="utf-8")
+        return cls(run_dir, main, settings.checkpoint_interval_seconds, board, resumed_epoch)
+
+    def log(self, record: dict, per_level: dict[str, dict[str, float]]) -> None:
+        if self.main:
+            _append_jsonl(self.run_dir / LOG_NAME, record)
+            if self.board is not None:
+                self.board.write(record, per_level)
+
+    def checkpoint(self, model: Potential, state: _TrainingState, optimizer: torch.optim.Optimizer, scheduler, now: bool) -> None:
+        if self.main and (now or time.perf_counter() - self.last_checkpoint >= self.interval_seconds):
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, model, state.to_dict(optimizer, scheduler))
+            self.last_checkpoint, self.checkpoint_epoch = time.perf_counter(), state.epoch
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
 @dataclass
 class _TrainingState:
     epoch: int = 0
@@ -307,6 +400,14 @@ class _TrainingState:
     wall_seconds: float = 0.0
     best_state: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+
+    def record_epoch(self, epoch: int, monitored: float, record: dict, model: Potential) -> None:
+        """Epoch `epoch` done: keep its log record, and the weights when `monitored` is the best loss so far."""
+        if monitored < self.best_loss:
+            self.best_loss, self.best_epoch = monitored, epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+        self.epoch = epoch
+        self.history.append(record)
 
     def to_dict(self, optimizer: torch.optim.Optimizer, scheduler) -> dict:
         return {
@@ -328,18 +429,23 @@ def _resume(path: Path, model: Potential, optimizer: torch.optim.Optimizer, sche
         raise InputError(f"{path}: holds no training state to resume from")
     if payload["model"] != model.describe():
         raise InputError(f"{path}: was written for a different model or data; start a new run instead of --resume")
-    model.load_state_dict(payload["state_dict"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    log.info("resuming from %s after epoch %d", path, saved["epoch"])
-    return _TrainingState(
-        epoch=saved["epoch"],
-        best_epoch=saved["best_epoch"],
-        best_loss=saved["best_loss"],
-        wall_seconds=saved["wall_seconds"],
-        best_state=saved["best_state"],
-        history=json.loads(saved["history_json"]),
-    )
+    try:
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = _TrainingState(
+            epoch=int(saved["epoch"]),
+            best_epoch=int(saved["best_epoch"]),
+            best_loss=float(saved["best_loss"]),
+            wall_seconds=float(saved["wall_seconds"]),
+            best_state=dict(saved["best_state"]),
+            history=json.loads(saved["history_json"]),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:160]
+        raise InputError(f"{path}: damaged training state, cannot resume ({type(error).__name__}: {first_line})") from None
+    log.info("resuming from %s after epoch %d", path, state.epoch)
+    return state
 
 
 def _stop_reason(state: _TrainingState, settings: TrainingSettings, optimizer: torch.optim.Optimizer) -> str:
@@ -360,6 +466,12 @@ def _postfix(record: dict) -> dict[str, str]:
     return {name: f"{value:.3g}" for name, value in shown.items()}
 
 
+def strict_json(record: dict) -> str:
+    """`record` as one line of strict JSON: NaN and infinities become null."""
+    finite = {name: value if not isinstance(value, float) or math.isfinite(value) else None for name, value in record.items()}
+    return json.dumps(finite, allow_nan=False)
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as stream:
-        stream.write(json.dumps(record) + "\n")
+        stream.write(strict_json(record) + "\n")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -48,27 +49,32 @@ class TrainReport:
     run_dir: Path
 
 
-def split_counts(n_structures: int, split: SplitConfig) -> tuple[int, int, int]:
-    """Numbers of train, validation and test structures (fractions < 1 are of `n_structures`)."""
+SPLIT_KEYS: tuple[str, str, str] = ("split.train", "split.validation", "split.test")
+
+
+def split_counts(n_structures: int, split: SplitConfig, keys: tuple[str, str, str] = SPLIT_KEYS, where: str = "data") -> tuple[int, int, int]:
+    """Numbers of train, validation and test structures (fractions < 1 are of `n_structures`);
+    InputError naming the config `keys` when they ask for more structures than `where` has."""
 
     def count(value: float | None, default: int) -> int:
         if value is None:
             return default
         return int(round(value * n_structures)) if 0 < value < 1 else int(value)
 
-    n_train = count(split.train, 0)
-    n_validation = count(split.validation, 0)
-    n_test = count(split.test, n_structures - n_train - n_validation)
-    if n_train < 1 or n_train + n_validation + n_test > n_structures:
-        raise InputError(
-            f"split: train {n_train} + validation {n_validation} + test {n_test} does not fit {n_structures} structures"
-        )
-    return n_train, n_validation, n_test
+    counts = [count(split.train, 0), count(split.validation, 0)]
+    counts.append(count(split.test, n_structures - sum(counts)))
+    asked = [(key, n) for key, n, value in zip(keys, counts, (split.train, split.validation, split.test)) if value is not None]
+    if sum(n for _, n in asked) > n_structures:
+        wanted = " + ".join(f"{key} {n}" for key, n in asked)
+        raise InputError(f"{wanted} = {sum(n for _, n in asked)} structures, more than the {n_structures} of {where}")
+    if counts[0] < 1 or min(counts) < 0:
+        raise InputError(f"{', '.join(f'{key} {n}' for key, n in zip(keys, counts))}: at least 1 structure of {where} must train, none may be negative")
+    return counts[0], counts[1], counts[2]
 
 
-def split_dataset(dataset: LevelData, split: SplitConfig) -> LevelSplit:
+def split_dataset(dataset: LevelData, split: SplitConfig, keys: tuple[str, str, str] = SPLIT_KEYS) -> LevelSplit:
     """Seeded permutation; the first structures train, the next validate, the rest test."""
-    n_train, n_validation, n_test = split_counts(len(dataset), split)
+    n_train, n_validation, n_test = split_counts(len(dataset), split, keys, f"level {dataset.level!r} ({dataset.source})")
     order = np.random.RandomState(split.seed).permutation(len(dataset))
     return LevelSplit(
         train=dataset.subset(order[:n_train]),
@@ -83,10 +89,30 @@ def training_settings(section: TrainingSection) -> TrainingSettings:
     return TrainingSettings(**shared, loss=LossWeights(energy=section.energy_weight, forces=section.force_weight))
 
 
-def use_threads(threads: int | None) -> None:
-    """Set PyTorch's intra-op threads from config key `training.threads` (None: PyTorch's default)."""
-    if threads:
-        torch.set_num_threads(threads)
+SMALL_STRUCTURE_ATOMS = 50  # below this mean size one thread per process is fastest (threads only add overhead)
+MAX_DEFAULT_THREADS = 4
+
+
+def default_threads(mean_atoms: float) -> int:
+    """Threads when `training.threads` is not set: 1 for structures of fewer than
+    `SMALL_STRUCTURE_ATOMS` atoms on average, else min(4, this process's share of the cores)."""
+    if mean_atoms < SMALL_STRUCTURE_ATOMS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun processes on this node share the cores
+    return max(1, min(MAX_DEFAULT_THREADS, cores // processes))
+
+
+def use_threads(threads: int | None, levels: Iterable[LevelData] = ()) -> int:
+    """Set PyTorch's intra-op threads: config key `training.threads`, or else `default_threads`
+    of the mean structure size of `levels`; logs and returns the count."""
+    sizes = [np.asarray(level.n_atoms) for level in levels]
+    mean_atoms = float(np.concatenate(sizes).mean()) if sum(len(size) for size in sizes) else 0.0
+    chosen = threads or default_threads(mean_atoms)
+    torch.set_num_threads(chosen)
+    why = "training.threads" if threads else f"default for {mean_atoms:.0f} atoms per structure; set training.threads to change"
+    log.info("using %d PyTorch thread%s (%s)", chosen, "" if chosen == 1 else "s", why)
+    return chosen
 
 
 def model_dtype(section: ModelSection) -> torch.dtype:
@@ -109,9 +135,10 @@ def validation_splits(levels: dict[str, LevelData], fraction: float, seed: int) 
 
 def run_training(config: TrainConfig, resume: bool = False) -> TrainReport:
     """Train one potential (one shared head) on all configured levels and test it."""
-    use_threads(config.training.threads)
     run_dir = Path(config.output_dir)
-    splits = {level: split_dataset(dataset, config.split) for level, dataset in read_sources(config.datasets).items()}
+    levels = read_sources(config.datasets)
+    use_threads(config.training.threads, levels.values())
+    splits = {level: split_dataset(dataset, config.split) for level, dataset in levels.items()}
     elements = sorted({z for split in splits.values() for z in split.train.elements + split.validation.elements + split.test.elements})
     model = new_potential(config.model, elements)
     for level, split in splits.items():
@@ -142,10 +169,15 @@ def _test(model: Potential, splits: dict[str, LevelSplit], batcher: Callable[[Le
             predictions = predict(model, batcher(split.test))
             test_metrics[level] = error_metrics(predictions)
             plot_parity(predictions, run_dir / f"parity_{_slug(level)}.png", title=f"{level}: test set")
+    write_test_metrics(run_dir, test_metrics)
+    return test_metrics
+
+
+def write_test_metrics(run_dir: Path, test_metrics: dict[str, ErrorMetrics]) -> None:
+    """RUN_DIR/test_metrics.json: {level: metrics} (energies in eV, forces in eV/Angstrom)."""
     (run_dir / "test_metrics.json").write_text(
         json.dumps({level: metrics.to_dict() for level, metrics in test_metrics.items()}, indent=2), encoding="utf-8"
     )
-    return test_metrics
 
 
 def _slug(level: str) -> str:
