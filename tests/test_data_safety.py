@@ -238,3 +238,16 @@ def wait_for(condition, seconds: float):
             return value
         time.sleep(0.1)
     return None
+
+
+# ---- readers: a damaged file is one line naming the file and group, never silently shorter ----
+
+def test_pack_of_a_damaged_hdf5_group_is_one_line(data_dir, tmp_path, workplace, capsys):
+    path = tmp_path / "damaged.h5"
+    shutil.copy(data_dir / COMP6, path)
+    with h5py.File(path, "r") as file:
+        header = h5py.h5o.get_info(file["s66x8/mol01"].id).addr
+    with open(path, "r+b") as handle:
+        handle.seek(header)
+        handle.write(b"\xff" * 64)
+    assert_one_line(*run_cli(capsys, "pack", str(path), "--out", "out"), f"{path}:s66x8/mol01", "damaged")

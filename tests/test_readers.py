@@ -350,3 +350,57 @@ def test_format_detected_from_content(tmp_path: Path) -> None:
     renamed.write_bytes(COMP6.read_bytes())
     assert read_level(renamed).level == "wb97x/6-31g(d)"
     assert read_level(COMP6, format="ANI_HDF5").source == str(COMP6)
+
+
+# ---------------------------------------------------------------- damaged files: an error, never a silent drop
+
+
+def damaged_copy(source: Path, target: Path, offset: int, length: int, byte: bytes = b"\xff") -> Path:
+    """A copy of `source` with `length` bytes from `offset` overwritten."""
+    target.write_bytes(source.read_bytes())
+    with open(target, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(byte * length)
+    return target
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_npz_names_the_file(tmp_path: Path, keep: float) -> None:
+    path = tmp_path / "truncated.npz"
+    path.write_bytes(MD17.read_bytes()[: int(keep * MD17.stat().st_size)])
+    with pytest.raises(InputError) as error:
+        read_level(path, level="pbe", energy_unit="kcal/mol")
+    assert_message(error, str(path), "truncated or damaged")
+
+
+def test_damaged_npz_member_names_the_file_and_key(tmp_path: Path) -> None:
+    with np.load(MD17) as archive:
+        positions_bytes = archive["R"].nbytes
+    middle = MD17.read_bytes().index(b"R.npy") + 200 + positions_bytes // 2  # inside the stored 'R' array
+    path = damaged_copy(MD17, tmp_path / "damaged.npz", middle, 16)
+    with pytest.raises(InputError) as error:
+        read_level(path, level="pbe", energy_unit="kcal/mol")
+    assert_message(error, str(path), "'R'")
+
+
+def test_text_energies_in_npz_name_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "text.npz"
+    raw = raw_npz(MD17)
+    np.savez(path, R=raw["R"][:3], z=raw["z"], E=np.array(["-97000.1", "n/a", "-97000.3"]), F=raw["F"][:3])
+    with pytest.raises(InputError) as error:
+        read_level(path, level="pbe", energy_unit="kcal/mol")
+    assert_message(error, str(path), "'E'", "expected numbers")
+
+
+def test_damaged_hdf5_group_is_an_error_not_dropped(tmp_path: Path) -> None:
+    with h5py.File(COMP6) as file:
+        header = h5py.h5o.get_info(file["s66x8/mol01"].id).addr
+        chunk = file["s66x8/mol02/coordinates"].id.get_chunk_info(0).byte_offset
+    path = damaged_copy(COMP6, tmp_path / "header.h5", header, 64)
+    with pytest.raises(InputError) as error:
+        read_dataset(path)
+    assert_message(error, str(path), "s66x8/mol01", "damaged")
+    path = damaged_copy(COMP6, tmp_path / "chunk.h5", chunk, 32)
+    with pytest.raises(InputError) as error:
+        read_dataset(path)
+    assert_message(error, str(path), "s66x8/mol02", "'coordinates'", "damaged")

@@ -28,7 +28,7 @@ import numpy as np
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
-from metamlip.readers.blocks import Block, build_dataset, make_block
+from metamlip.readers.blocks import Block, build_dataset, make_block, require_numbers
 from metamlip.readers.hdf5 import first_group_with, groups_with, read_key, where
 from metamlip.readers.options import ReadOptions, check_levels_found, resolve_units
 
@@ -134,7 +134,7 @@ def _values(name: str, group: h5py.Group, key: str, shape: tuple[int, ...]) -> n
     """Dataset `key` of `group` as float64 of `shape`, or all NaN (label missing) if the group lacks it."""
     if key not in group:
         return np.full(shape, np.nan)
-    values = np.asarray(group[key][()], dtype=np.float64)
+    values = require_numbers(name, key, read_key(Path(group.file.filename), group, key)).astype(np.float64)
     if values.shape != shape:
         raise InputError(f"{name}: {key!r} has shape {values.shape}, expected {shape} to match 'coordinates'")
     return values

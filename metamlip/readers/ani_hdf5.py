@@ -52,7 +52,7 @@ def molecule_block(path: Path, group: h5py.Group, options: ReadOptions) -> tuple
     name = where(path, group)
     units = resolve_units(str(path), options, ENERGY_UNIT, LENGTH_UNIT)
     energy_key = options.energy_key or "energies"
-    stored = text(group["lot"][()]) if "lot" in group else None
+    stored = text(read_key(path, group, "lot")) if "lot" in group else None
     forces_key = options.forces_key or ("forces" if "forces" in group else None)
     species_key = "species" if "species" in group else "atomic_numbers"
     block = make_block(

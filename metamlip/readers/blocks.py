@@ -59,7 +59,7 @@ def make_block(
 ) -> Block:
     """A `Block` after checking that the arrays fit together; InputError names `where` and the key."""
     (z_key, z), (r_key, r), (e_key, e) = numbers, positions, energies
-    z, r, e = np.asarray(z), np.asarray(r), np.asarray(e)
+    z, r, e = (require_numbers(where, key, values) for key, values in (numbers, positions, energies))
     if r.ndim != 3 or r.shape[2] != 3:
         raise InputError(f"{where}: {r_key!r} has shape {r.shape}, expected (structures, atoms, 3)")
     n_conf, n_atoms = r.shape[:2]
@@ -76,10 +76,19 @@ def make_block(
         )
     f = None
     if forces is not None:
-        f_key, f = forces[0], np.asarray(forces[1])
+        f_key, f = forces[0], require_numbers(where, *forces)
         if f.shape != r.shape:
             raise InputError(f"{where}: {f_key!r} has shape {f.shape} but {r_key!r} has shape {r.shape}")
     return Block(where, units, z, r, e, f, cells, pbc)
+
+
+def require_numbers(where: str, key: str, values: object) -> np.ndarray:
+    """`values` as an array of numbers; InputError naming `where` and `key` if it holds text or objects."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf":
+        shown = array.reshape(-1)[:1].tolist()
+        raise InputError(f"{where}: {key!r} holds {array.dtype} values (first: {shown}), expected numbers")
+    return array
 
 
 def build_dataset(level: str, blocks: list[Block], source: str) -> LevelDataset:

@@ -25,10 +25,15 @@ def where(path: Path, group: h5py.Group) -> str:
 
 
 def groups_with(group: h5py.Group, key: str) -> Iterator[h5py.Group]:
-    """Every group at or below `group` (in name order) that holds a dataset named `key`."""
-    if key in group and isinstance(group[key], h5py.Dataset):
+    """Every group at or below `group` (in name order) that holds a dataset named `key`.
+
+    A member HDF5 cannot open (corrupt bytes, a broken link) is an InputError naming it, never
+    skipped: h5py's own `values()` would silently leave it out.
+    """
+    if key in group and isinstance(member(group, key), h5py.Dataset):
         yield group
-    for child in group.values():
+    for name in group:
+        child = member(group, name)
         if isinstance(child, h5py.Group):
             yield from groups_with(child, key)
 
@@ -37,11 +42,24 @@ def first_group_with(group: h5py.Group, key: str) -> h5py.Group | None:
     return next(groups_with(group, key), None)
 
 
+def member(group: h5py.Group, name: str) -> h5py.Group | h5py.Dataset:
+    """The group or dataset `name` of `group`; InputError naming the file and member if it cannot be opened."""
+    try:
+        return group[name]
+    except (KeyError, OSError, RuntimeError, ValueError) as error:
+        inside = f"{group.name.rstrip('/')}/{name}".lstrip("/")
+        raise InputError(f"{group.file.filename}:{inside}: HDF5 cannot open it ({error}); the file may be damaged") from None
+
+
 def read_key(path: Path, group: h5py.Group, key: str) -> np.ndarray:
-    """The dataset `key` of `group` as an array; InputError naming file, group and key if absent."""
+    """The dataset `key` of `group` as an array; InputError naming file, group and key if absent or unreadable."""
     if key not in group:
         raise InputError(f"{where(path, group)}: no key {key!r}; keys: {sorted(group.keys())}")
-    return group[key][()]
+    dataset = member(group, key)
+    try:
+        return dataset[()]
+    except (OSError, RuntimeError, ValueError) as error:
+        raise InputError(f"{where(path, group)}: cannot read {key!r} ({error}); the file may be damaged") from None
 
 
 def text(value: object) -> str:
@@ -53,5 +71,5 @@ def text(value: object) -> str:
 
 def unit_attribute(group: h5py.Group, key: str) -> str | None:
     """The `units` attribute of dataset `key`, if it has one."""
-    units = group[key].attrs.get("units") if key in group else None
+    units = member(group, key).attrs.get("units") if key in group else None
     return None if units is None else text(units)

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,14 +45,16 @@ _QM7X = _Layout(
     energy_unit="eV", length_unit="angstrom", level="pbe0+mbd",
 )
 _UNKNOWN_THEORY = {"", "unknown", "none"}
+# what numpy's npz reading raises for a truncated or damaged archive or member
+_DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def read(path: Path, options: ReadOptions) -> list[LevelDataset]:
     """The one level stored in the npz file at `path` (see the module docstring)."""
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: cannot read as .npz ({error})") from None
+    except _DAMAGED as error:
+        raise InputError(f"{path}: cannot read as .npz ({type(error).__name__}: {error}); the file may be truncated or damaged") from None
     with archive:
         file = _Keys(path, archive)
         layout = _QM7X if _QM7X.positions in file.keys else _SGDML
@@ -85,8 +89,8 @@ class _Keys:
             raise InputError(f"{self.path}: no key {key!r}; keys: {sorted(self.keys)}")
         try:
             return self.archive[key]
-        except ValueError as error:  # e.g. a pickled object array, which is never loaded
-            raise InputError(f"{self.path}: cannot read key {key!r} ({error})") from None
+        except _DAMAGED as error:  # a damaged member, or a pickled object array, which is never loaded
+            raise InputError(f"{self.path}: cannot read key {key!r} ({type(error).__name__}: {error})") from None
 
     def text(self, key: str) -> str | None:
         """A stored string (sGDML metadata such as `e_unit`), or None where the key is absent."""
