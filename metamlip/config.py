@@ -179,6 +179,10 @@ VALUE_RULES: dict[str, Callable[[Any], str]] = {
     "cutoff_angstrom": _positive,
     "max_epochs": _at_least_one,
     "max_wall_seconds": _positive,
+    "gradient_steps": _at_least_one,
+    "steps_per_epoch": _at_least_one,
+    "wall_seconds": _positive,
+    "n_finetune": _at_least_one,
     "device": _device,
 }
 
@@ -186,9 +190,12 @@ VALUE_RULES: dict[str, Callable[[Any], str]] = {
 def _check_value(name: str, value: Any, where: str, key: str) -> None:
     """InputError naming `key` when a rule of `VALUE_RULES` rejects `value`."""
     rule = VALUE_RULES.get(name)
-    problem = rule(value) if rule is not None else ""
-    if problem:
-        raise InputError(f"{where}: config key {key!r} {problem}, got {value!r}")
+    if rule is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        problem = rule(item)
+        if problem:
+            raise InputError(f"{where}: config key {key!r} {problem}, got {value!r}")
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:

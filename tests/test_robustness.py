@@ -167,6 +167,16 @@ def test_out_of_range_values_name_the_key(tmp_path, data_dir, capsys, override, 
     assert_one_line(*run_cli(capsys, "train", str(train_config(tmp_path, data_dir)), "--set", override), key, "config.yaml")
 
 
+def test_out_of_range_values_in_nested_sections_and_lists(tmp_path, data_dir, capsys):
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump({"finetune": {"n_finetune": [10, 0]}}), encoding="utf-8")
+    assert_one_line(*run_cli(capsys, "experiment", str(config)), "finetune.n_finetune")
+    config.write_text(yaml.safe_dump({"pretrain": {"steps_per_epoch": 0}}), encoding="utf-8")
+    assert_one_line(*run_cli(capsys, "pretrain", str(config)), "pretrain.steps_per_epoch")
+    config.write_text(yaml.safe_dump({"pretrain": {"training": {"learning_rate": -1}}}), encoding="utf-8")
+    assert_one_line(*run_cli(capsys, "pretrain", str(config)), "pretrain.training.learning_rate")
+
+
 def test_binary_config_file(tmp_path, capsys):
     binary = tmp_path / "model.yaml"
     binary.write_bytes(bytes(range(128, 256)) * 4)
@@ -205,6 +215,7 @@ def test_hand_edited_checkpoints_are_named(tmp_path, data_dir, capsys):
         code, error = run_cli(capsys, "evaluate", str(tmp_path / name), str(data_dir / "qm7x_226_raw.npz"))
         assert_one_line(code, error, name, "damaged")
     assert original["format_version"] == 1
+    assert_one_line(*run_cli(capsys, "evaluate", str(tmp_path), str(data_dir / "qm7x_226_raw.npz")), "a folder, not a checkpoint")
 
 
 def test_damaged_training_state_cannot_be_resumed(tmp_path, data_dir, capsys):

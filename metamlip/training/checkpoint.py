@@ -58,7 +58,7 @@ def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint dictionary; InputError naming the file if it is not a metamlip checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
+        raise InputError(f"{path}: " + ("a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint file"))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
