@@ -48,11 +48,13 @@ def finetune(
     settings: TrainingSettings,
     run_dir: str | Path,
     options: FinetuneOptions = FinetuneOptions(),
+    resume: bool = False,
 ) -> tuple[Potential, FitResult]:
     """A copy of `pretrained` refitted to the level of `train`; `pretrained` is left unchanged.
 
     The target reference is fitted on `train` only; validation drives early stopping and
-    the choice of the best weights. Nothing else of the target level is seen.
+    the choice of the best weights. Nothing else of the target level is seen. With `resume`
+    training continues from RUN_DIR/checkpoint.pt (`fit`).
     """
     model = copy.deepcopy(pretrained)
     level = train.level
@@ -72,7 +74,7 @@ def finetune(
         return make_batcher(dataset, model.species, model.config.cutoff_angstrom, dtype)
 
     task = Task(level, batcher(train), batcher(validation) if len(validation) else None)
-    result = fit(model, MixedBatchEpochs([task], settings), [task], settings, run_dir)
+    result = fit(model, MixedBatchEpochs([task], settings), [task], settings, run_dir, resume=resume)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     if options.refit_reference:
@@ -80,7 +82,7 @@ def finetune(
     return model, result
 
 
-def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
+def run_finetuning(config: FinetuneConfig, resume: bool = False) -> tuple[Path, ErrorMetrics | None]:
     """`metamlip finetune`: split the target level, refit the checkpoint, test, save OUTPUT_DIR/model.pt
     (and OUTPUT_DIR/test_metrics.json when there is a test set)."""
     payload = read_checkpoint(config.checkpoint)
@@ -93,7 +95,7 @@ def run_finetuning(config: FinetuneConfig) -> tuple[Path, ErrorMetrics | None]:
     parts = split_dataset(target, split, keys=("n_finetune", "n_validation", "n_test"))
     run_dir = Path(config.output_dir)
     options = FinetuneOptions(config.freeze_backbone, config.head_source, config.training.refit_reference)
-    model, _ = finetune(pretrained, strategy, parts.train, parts.validation, training_settings(config.training), run_dir, options)
+    model, _ = finetune(pretrained, strategy, parts.train, parts.validation, training_settings(config.training), run_dir, options, resume)
     if distributed.is_main_process():
         save_checkpoint(run_dir / "model.pt", model, extra={"strategy": strategy.name, "finetuned_level": target.level})
     distributed.barrier()

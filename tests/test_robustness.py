@@ -250,7 +250,9 @@ def test_finetune_rerun_needs_overwrite_and_writes_test_metrics(tmp_path, data_d
     metrics = json.loads((tmp_path / "ft" / "test_metrics.json").read_text(encoding="utf-8"))
     assert metrics["pbe+vdw-ts"]["n_structures"] == 6
     capsys.readouterr()
-    assert_one_line(*run_cli(capsys, "finetune", str(config)), "already holds a run", "--overwrite")
+    assert_one_line(*run_cli(capsys, "finetune", str(config)), "already holds a run", "--resume", "--overwrite")
+    assert main(["finetune", str(config), "--resume", "--set", "training.max_epochs=2"]) == 0
+    assert read_checkpoint(tmp_path / "ft" / "checkpoint.pt")["training_state"]["epoch"] == 2
     assert main(["finetune", str(config), "--overwrite"]) == 0
 
 

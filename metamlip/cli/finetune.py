@@ -13,7 +13,7 @@ from metamlip.finetune import run_finetuning
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("finetune", help="refit a pre-trained potential to a new level with few structures")
-    add_config_arguments(parser, overwrite=True)
+    add_config_arguments(parser, resume=True, overwrite=True)
     parser.set_defaults(run=run)
 
 
@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     config = read_run_config(args, FinetuneConfig)
     if config is None:
         return 0
-    path, metrics = run_finetuning(config)
+    path, metrics = run_finetuning(config, resume=args.resume)
     if not distributed.is_main_process():
         return 0
     print(f"fine-tuned model: {path}")
