@@ -19,6 +19,10 @@ from ase import Atoms
 from test_cli_errors import assert_one_line, run_cli
 
 from metamlip.cli.main import main
+from metamlip.data.references import EnergyReference
+from metamlip.model.hipnn import HipnnConfig
+from metamlip.model.potential import build_potential
+from metamlip.training.checkpoint import save_checkpoint
 from metamlip.labelling.fingerprint import input_record_path
 
 COMP6 = "comp6_s66x8_wb97x_631gd_4mol.h5"
@@ -251,3 +255,46 @@ def test_pack_of_a_damaged_hdf5_group_is_one_line(data_dir, tmp_path, workplace,
         handle.seek(header)
         handle.write(b"\xff" * 64)
     assert_one_line(*run_cli(capsys, "pack", str(path), "--out", "out"), f"{path}:s66x8/mol01", "damaged")
+
+
+# ---- a folder where a file belongs, and messages that name the flags the user typed ----
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A small untrained model for MD17 ethanol's elements at level pbe+vdw-ts."""
+    model = build_potential([1, 6, 8], HipnnConfig(n_features=8, n_sensitivities=4, n_interaction_layers=1, n_atom_layers=1), seed=0)
+    model.add_level(EnergyReference("pbe+vdw-ts", [1, 6, 8], np.zeros(3)))
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    return path
+
+
+def test_evaluate_names_the_flags_not_the_keywords(checkpoint, data_dir, capsys):
+    md17 = str(data_dir / "md17_ethanol_dft.npz")
+    code, error = run_cli(capsys, "evaluate", str(checkpoint), md17, "--data-level", "pbe+vdw-ts")
+    assert_one_line(code, error, "md17_ethanol_dft.npz", "pass --energy-unit (e.g. --energy-unit kcal/mol)")
+    code, error = run_cli(capsys, "evaluate", str(checkpoint), md17, "--energy-unit", "kcal/mol")
+    assert_one_line(code, error, "pass --data-level (e.g. --data-level wb97x/6-31g(d))")
+    assert "energy_unit" not in error and "level=" not in error
+
+
+def test_pack_names_its_flags(data_dir, workplace, capsys):
+    code, error = run_cli(capsys, "pack", str(data_dir / COMP6), "--out", "out", "--levels", "/")
+    assert_one_line(code, error, "--levels:", "no method before '/'")
+
+
+def test_a_folder_given_as_a_file_says_so(checkpoint, data_dir, tmp_path, workplace, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    for arguments in (["evaluate", str(checkpoint), str(folder)], ["pack", str(folder), "--out", "out"],
+                      ["label", str(folder), "--level", "gfn2-xtb", "--out", "x.xyz"]):
+        assert_one_line(*run_cli(capsys, *arguments), str(folder), "is a folder")
+    assert_one_line(*run_cli(capsys, "label", str(data_dir / "qm7b_mp2_ccsd.xyz"), "--level", "gfn2-xtb", "--out", str(folder)),
+                    str(folder), "is a folder")
+    notes = str(workplace / "notes.txt")
+    code, error = run_cli(capsys, "evaluate", str(checkpoint), str(data_dir / "md17_ethanol_dft.npz"), "--energy-unit",
+                          "kcal/mol", "--data-level", "pbe+vdw-ts", "--out", notes + "/metrics")
+    assert_one_line(code, error, "notes.txt/metrics", "is a file, not a folder")
+    code, error = run_cli(capsys, "evaluate", str(checkpoint), str(data_dir / "md17_ethanol_dft.npz"), "--energy-unit",
+                          "kcal/mol", "--data-level", "pbe+vdw-ts", "--out", notes)
+    assert_one_line(code, error, "notes.txt: is a file, not a folder")

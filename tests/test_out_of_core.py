@@ -192,7 +192,7 @@ def test_packed_source_options_are_checked(synthetic_release):
     _, folder = synthetic_release
     with pytest.raises(InputError, match="no level 'hf/cc-pvdz'"):
         open_packed(folder, levels=["hf/cc-pvdz"])
-    with pytest.raises(InputError, match=r"\['energy_unit'\] do not apply"):
+    with pytest.raises(InputError, match=r"the option `energy_unit` does not apply"):
         open_packed(folder, energy_unit="kcal/mol")
     with pytest.raises(InputError, match="opened lazily from a config"):
         read_dataset(folder, format="packed")

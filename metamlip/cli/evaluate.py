@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from metamlip.cli.flags import options_as_flags
 from metamlip.config import DataSource
 from metamlip.data.lazy_batching import make_batcher
 from metamlip.data.sources import read_source
@@ -29,10 +30,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+FLAGS = {"energy_unit": "--energy-unit", "length_unit": "--length-unit", "level": "--data-level"}  # reader option: flag
+
+
 def run(args: argparse.Namespace) -> int:
     model = load_potential(args.checkpoint)
     source = DataSource(args.data, args.format, args.data_level, energy_unit=args.energy_unit, length_unit=args.length_unit)
-    datasets = read_source(source)
+    with options_as_flags(FLAGS):
+        datasets = read_source(source)
     metrics = {}
     for dataset in datasets:
         model_level = model.resolve_level(args.model_level or (dataset.level if dataset.level in model.levels else None))

@@ -15,14 +15,14 @@ from metamlip.cli.flags import options_as_flags
 from metamlip.errors import InputError
 from metamlip.labelling import known_methods, label_structures
 from metamlip.labelling.output import failures_path
+from metamlip.readers.options import require_file
 
 FLAGS = {"charge": "--charge", "multiplicity": "--multiplicity", "workers": "--workers"}
 
 
 def read_structures(path: Path) -> list:
     """All frames of an ASE-readable structure file."""
-    if not path.is_file():
-        raise FileNotFoundError(2, "no such file", str(path))
+    require_file(path, "structure file")
     try:
         frames = ase.io.read(path, ":")
     except Exception as error:  # noqa: BLE001 - ASE raises many types for unreadable files

@@ -62,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"metamlip {args.command}: error: {error.filename or error}: no such file", file=sys.stderr)
         return 2
+    except IsADirectoryError as error:
+        print(f"metamlip {args.command}: error: {error.filename or error}: is a folder, expected a file", file=sys.stderr)
+        return 2
+    except NotADirectoryError as error:
+        print(f"metamlip {args.command}: error: {error.filename or error}: part of this path is a file, not a folder", file=sys.stderr)
+        return 2
+    except FileExistsError as error:
+        what = "is a file, not a folder" if error.filename and os.path.isfile(error.filename) else "already exists"
+        print(f"metamlip {args.command}: error: {error.filename or error}: {what}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as interrupt:  # TrainingInterrupted carries its message and exit code (143 for SIGTERM)
         print(f"metamlip {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
         return getattr(interrupt, "exit_code", 130)

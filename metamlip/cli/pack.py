@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from metamlip.cli.flags import options_as_flags
 from metamlip.data.packed import pack_hdf5
+
+FLAGS = {"energy_unit": "--energy-unit", "length_unit": "--length-unit", "level": "--level", "levels": "--levels"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = {"level": args.level, "energy_unit": args.energy_unit, "length_unit": args.length_unit}
-    folders = pack_hdf5(args.data, args.out, levels=args.levels, **options)
+    with options_as_flags(FLAGS):
+        folders = pack_hdf5(args.data, args.out, levels=args.levels, **options)
     for level, folder in folders.items():
         print(f"{level}: {folder}")
     return 0

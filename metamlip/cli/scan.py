@@ -17,6 +17,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from metamlip.errors import InputError
+from metamlip.readers.options import require_file
 from metamlip.scans import (
     DEFAULT_OVERSAMPLE,
     Roughness,
@@ -125,8 +126,7 @@ def read_structure(path: Path) -> Atoms:
     """First frame of an ASE-readable structure file; InputError naming the file when unreadable."""
     import ase.io
 
-    if not path.is_file():
-        raise InputError(f"{path}: no such structure file")
+    require_file(path, "structure file")
     try:
         return ase.io.read(str(path), index=0)
     except Exception as error:  # noqa: BLE001 - ASE raises many types for bad files

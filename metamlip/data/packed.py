@@ -35,13 +35,13 @@ from metamlip.data.batching import _ranges
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.pack_folders import clear_level_folder, level_folder, prepare_output
 from metamlip.data.pack_folders import level_folder_name  # noqa: F401 - re-exported for callers of this module
-from metamlip.errors import InputError
+from metamlip.errors import InputError, OptionError
 from metamlip.levels import normalise_level
 from metamlip.readers import ani_hdf5, spice_hdf5
 from metamlip.readers.ani1x_release import is_release_layout, read_release, release_levels
 from metamlip.readers.blocks import build_dataset
 from metamlip.readers.hdf5 import first_group_with, groups_with, open_hdf5
-from metamlip.readers.options import ReadOptions, check_levels_found
+from metamlip.readers.options import ReadOptions, check_levels_found, require_file
 
 FORMAT = "metamlip-packed"
 VERSION = 1
@@ -120,11 +120,11 @@ def pack_hdf5(
     `read_dataset` does. Nothing is written or removed outside `out_dir`: see `pack_folders` for
     the folder names and what a rerun may replace.
     """
-    path, out_dir = Path(path), Path(out_dir)
+    path, out_dir = require_file(path), Path(out_dir)
     try:
         wanted = None if levels is None else tuple(normalise_level(level) for level in levels)
     except ValueError as error:
-        raise InputError(f"{path}: option `levels`: {error}") from None
+        raise OptionError(f"{path}: {{option}}: {error}", "levels") from None
     writers: dict[str, _LevelWriter] = {}
     folder_levels: dict[str, str] = {}  # folder name -> level, to refuse two levels in one folder
     with open_hdf5(path) as file:
@@ -264,12 +264,12 @@ def open_packed(
     """
     given = sorted(name for name, value in options.items() if value is not None)
     if given:
-        raise InputError(f"{folder}: option(s) {given} do not apply to a packed level folder (eV, Angstrom, level from meta.json)")
+        raise OptionError(f"{folder}: {{option}} does not apply to a packed level folder (eV, Angstrom, level from meta.json)", given[0])
     level = PackedLevel.open(folder)
     names = [levels] if isinstance(levels, str) else levels
     try:
         wanted = None if names is None else tuple(normalise_level(name) for name in names)
     except ValueError as error:
-        raise InputError(f"{folder}: option `levels`: {error}") from None
+        raise OptionError(f"{folder}: {{option}}: {error}", "levels") from None
     check_levels_found(str(folder), wanted, [level.level])
     return [level]

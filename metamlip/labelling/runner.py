@@ -160,7 +160,7 @@ def label_structures(
     if workers < 1:
         raise OptionError(f"{{option}} must be at least 1, got {workers}", "workers", workers)
     if multiplicity < 1:
-        raise OptionError(f"spin multiplicity {{option}} must be at least 1, got {multiplicity}", "multiplicity", multiplicity)
+        raise OptionError(f"{{option}} (the spin multiplicity) must be at least 1, got {multiplicity}", "multiplicity", multiplicity)
     spec = resolve_level(level)
     out_path = Path(out_path)
     _jobs(structures, set(range(len(structures))), charge, multiplicity)  # input checks before the output is touched

@@ -8,7 +8,7 @@ from os import PathLike
 from pathlib import Path
 
 from metamlip.data.level_dataset import LevelDataset
-from metamlip.errors import InputError
+from metamlip.errors import InputError, OptionError
 from metamlip.levels import normalise_level
 from metamlip.readers import ani_hdf5, ase_files, npz, spice_hdf5
 from metamlip.readers.hdf5 import first_group_with, open_hdf5
@@ -95,7 +95,7 @@ def _normalised(path: Path, levels: Sequence[str] | None) -> tuple[str, ...] | N
     try:
         return tuple(normalise_level(name) for name in names)
     except ValueError as error:
-        raise InputError(f"{path}: option `levels`: {error}") from None
+        raise OptionError(f"{path}: {{option}}: {error}", "levels") from None
 
 
 def _format_of(path: Path, format: str | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from metamlip.errors import InputError
+from metamlip.errors import InputError, OptionError
 from metamlip.levels import normalise_level
 from metamlip.units import energy_unit_to_ev, length_unit_to_angstrom
 
@@ -38,11 +38,13 @@ class Units:
         return self.energy_to_ev / self.length_to_angstrom
 
 
-def require_file(path: str | Path) -> Path:
-    """`path` as a Path, or InputError if there is no such file."""
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """`path` as a Path, or InputError if there is no such file (`what`: e.g. "structure file")."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a {what}")
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: no such {what}")
     return path
 
 
@@ -55,14 +57,13 @@ def resolve_units(
     """Unit factors: an option overrides the file's unit; lengths default to Angstrom.
 
     An energy unit must come from somewhere: if neither the option nor the file gives one,
-    InputError names `where` and the option `energy_unit`.
+    OptionError names `where` and the option `energy_unit`.
     """
     energy_unit = options.energy_unit or file_energy_unit
     length_unit = options.length_unit or file_length_unit or "angstrom"
     if not energy_unit:
-        raise InputError(
-            f"{where}: the file does not say its energy unit; pass the option `energy_unit` "
-            "(e.g. energy_unit='kcal/mol')"
+        raise OptionError(
+            f"{where}: the file does not say its energy unit; pass {{option}} (e.g. {{setting}})", "energy_unit", "kcal/mol"
         )
     try:
         return Units(energy_unit_to_ev(energy_unit), length_unit_to_angstrom(length_unit))
@@ -74,9 +75,8 @@ def resolve_level(where: str, options: ReadOptions, stored: str | None, default:
     """Normalised level name: the `level` option, else the file's, else the layout's default."""
     name = options.level or stored or default
     if not name:
-        raise InputError(
-            f"{where}: the file does not say its level of theory; pass the option `level` "
-            "(e.g. level='wb97x/6-31g(d)')"
+        raise OptionError(
+            f"{where}: the file does not say its level of theory; pass {{option}} (e.g. {{setting}})", "level", "wb97x/6-31g(d)"
         )
     try:
         return normalise_level(name)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from metamlip.errors import InputError
+from metamlip.readers.options import require_file
 from metamlip.scans.geometry import INFO_COORDINATE, INFO_KIND, SCAN_KINDS
 from metamlip.scans.roughness import interpolate_scan
 from metamlip.scans.scan import Scan, is_full_turn
@@ -177,9 +178,7 @@ def read_scan(path: str | Path, kind: str | None = None, name: str | None = None
     kind: "torsion" | "bond" when the file does not say; must agree with the file when it does.
     Coordinates come back in degrees (torsion) or Angstrom (bond), energies in eV.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such scan file")
+    path = require_file(path, "scan file")
     reader = _read_csv if path.suffix.lower() == ".csv" else _read_frames
     try:
         return reader(path, kind, name)
