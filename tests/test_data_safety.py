@@ -298,3 +298,10 @@ def test_a_folder_given_as_a_file_says_so(checkpoint, data_dir, tmp_path, workpl
     code, error = run_cli(capsys, "evaluate", str(checkpoint), str(data_dir / "md17_ethanol_dft.npz"), "--energy-unit",
                           "kcal/mol", "--data-level", "pbe+vdw-ts", "--out", notes)
     assert_one_line(code, error, "notes.txt: is a file, not a folder")
+
+
+def test_pack_level_picks_a_level_of_an_ani1x_release_file(data_dir, workplace, capsys):
+    release = str(data_dir / "ani1x_release_sample.h5")
+    assert run_cli(capsys, "pack", release, "--out", "out", "--level", "wB97X/6-31G*")[0] == 0
+    assert sorted(path.name for path in (workplace / "out").iterdir()) == [COMP6_FOLDER]
+    assert_one_line(*run_cli(capsys, "pack", release, "--out", "out", "--level", "nope"), "no level 'nope'", "'hf/cc-pvdz'")

@@ -41,7 +41,7 @@ from metamlip.readers import ani_hdf5, spice_hdf5
 from metamlip.readers.ani1x_release import is_release_layout, read_release, release_levels
 from metamlip.readers.blocks import build_dataset
 from metamlip.readers.hdf5 import first_group_with, groups_with, open_hdf5
-from metamlip.readers.options import ReadOptions, check_levels_found, require_file
+from metamlip.readers.options import ReadOptions, check_levels_found, require_file, resolve_level
 
 FORMAT = "metamlip-packed"
 VERSION = 1
@@ -127,9 +127,12 @@ def pack_hdf5(
         raise OptionError(f"{path}: {{option}}: {error}", "levels") from None
     writers: dict[str, _LevelWriter] = {}
     folder_levels: dict[str, str] = {}  # folder name -> level, to refuse two levels in one folder
+    found: set[str] = set()  # every level of the file, for the message when a wanted one is missing
     with open_hdf5(path) as file:
+        wanted, read_options = _release_level_selects(file, path, wanted, ReadOptions(**options))
         prepare_output(out_dir)
-        for dataset in _group_levels(file, path, wanted, ReadOptions(**options)):
+        for dataset in _group_levels(file, path, wanted, read_options, found):
+            found.add(dataset.level)
             if wanted is not None and dataset.level not in wanted:
                 continue
             if dataset.level not in writers:
@@ -139,19 +142,35 @@ def pack_hdf5(
             writers[dataset.level].append(dataset)
     if not writers and wanted is None:
         raise InputError(f"{path}: no molecule groups of a known HDF5 layout (ANI-1x release, ANI/COMP6, SPICE)")
-    check_levels_found(str(path), wanted, list(writers))
+    check_levels_found(str(path), wanted, sorted(found))
     return {level: writer.finish() for level, writer in writers.items()}
 
 
-def _group_levels(file: h5py.File, path: Path, wanted: tuple[str, ...] | None, options: ReadOptions) -> Iterator[LevelDataset]:
-    """The levels of each molecule group of the file, read one group at a time."""
+def _release_level_selects(
+    file: h5py.File, path: Path, wanted: tuple[str, ...] | None, options: ReadOptions
+) -> tuple[tuple[str, ...] | None, ReadOptions]:
+    """In the ANI-1x release layout the `level` option picks a level (as in `read_dataset`): it
+    joins the wanted levels. Other layouts keep it as the level name of the file's data."""
+    if not options.level or not is_release_layout(file):
+        return wanted, options
+    level = resolve_level(str(path), options, None)
+    return (wanted or ()) + (level,), dataclasses.replace(options, level=None)
+
+
+def _group_levels(
+    file: h5py.File, path: Path, wanted: tuple[str, ...] | None, options: ReadOptions, found: set[str]
+) -> Iterator[LevelDataset]:
+    """The levels of each molecule group of the file, read one group at a time (release layout: only
+    the wanted ones; all its levels are added to `found`)."""
     if first_group_with(file, spice_hdf5.POSITIONS_KEY) is not None:
         level = spice_hdf5.spice_level(path, options)
         for group in groups_with(file, spice_hdf5.POSITIONS_KEY):
             yield build_dataset(level, [spice_hdf5.molecule_block(path, group, options)], str(path))
     elif is_release_layout(file):
         for group in groups_with(file, "coordinates"):
-            levels_here = tuple(level for level in release_levels(path, group) if wanted is None or level in wanted)
+            here = release_levels(path, group)
+            found.update(here)
+            levels_here = tuple(level for level in here if wanted is None or level in wanted)
             if levels_here:
                 yield from read_release(group, path, dataclasses.replace(options, levels=levels_here))
     else:
