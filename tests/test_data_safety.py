@@ -20,6 +20,7 @@ from test_cli_errors import assert_one_line, run_cli
 
 from metamlip.cli.main import main
 from metamlip.data.references import EnergyReference
+from metamlip.errors import OptionError
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import build_potential
 from metamlip.training.checkpoint import save_checkpoint
@@ -305,3 +306,9 @@ def test_pack_level_picks_a_level_of_an_ani1x_release_file(data_dir, workplace, 
     assert run_cli(capsys, "pack", release, "--out", "out", "--level", "wB97X/6-31G*")[0] == 0
     assert sorted(path.name for path in (workplace / "out").iterdir()) == [COMP6_FOLDER]
     assert_one_line(*run_cli(capsys, "pack", release, "--out", "out", "--level", "nope"), "no level 'nope'", "'hf/cc-pvdz'")
+
+
+def test_option_error_words_keywords_and_flags_and_keeps_braces():
+    error = OptionError("data{1}.npz: the file does not say its energy unit; pass {option} (e.g. {setting})", "energy_unit", "kcal/mol")
+    assert str(error) == "data{1}.npz: the file does not say its energy unit; pass the option `energy_unit` (e.g. energy_unit='kcal/mol')"
+    assert error.for_flag("--energy-unit") == "data{1}.npz: the file does not say its energy unit; pass --energy-unit (e.g. --energy-unit kcal/mol)"

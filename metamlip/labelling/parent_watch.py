@@ -4,6 +4,9 @@ A pool worker blocked in a QM calculation never notices that the parent is gone 
 hundreds of MB). On Linux the kernel sends the worker SIGKILL when its parent dies
 (``prctl(PR_SET_PDEATHSIG)`` through ctypes); everywhere a daemon thread also checks once a
 second whether the parent's process id has changed (the worker was re-parented) and exits.
+Linux sends the signal when the parent *thread* that started the worker ends; `label_structures`
+starts its pool from the calling thread and shuts it down before returning, so that thread
+outlives the workers.
 """
 
 from __future__ import annotations
