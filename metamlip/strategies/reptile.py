@@ -121,10 +121,10 @@ class ReptileEpochs(MetaEpochs):
         return mean_losses(losses) | {"epsilon": epsilon}
 
 
-def task_specific_mask(model: Potential, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Flat boolean vector over `parameters`: True for the entries of energy-head weights."""
+def task_specific_mask(model: Potential, parameters: list[torch.nn.Parameter]) -> list[bool]:
+    """One flag per parameter tensor: True for energy-head weights."""
     head_ids = {id(parameter) for parameter in model.heads.parameters()}
-    return torch.cat([torch.full((p.numel(),), id(p) in head_ids, dtype=torch.bool, device=p.device) for p in parameters])
+    return [id(parameter) in head_ids for parameter in parameters]
 
 
 def meta_step_update(
@@ -134,7 +134,7 @@ def meta_step_update(
     work: list[tuple[Task, list[Batch]]],
     epsilon: float,
     settings: TrainingSettings,
-    task_specific: torch.Tensor | None = None,
+    task_specific: list[bool] | None = None,
 ) -> dict[str, float]:
     """One Reptile meta-step in place on `model` and `optimizer` (see the module docstring)."""
     processes = distributed.world_size()
@@ -142,103 +142,94 @@ def meta_step_update(
         if len(work) < processes:
             raise InputError(f"reptile.tasks_per_meta_step ({len(work)}) must be at least the number of processes ({processes})")
         work = work[distributed.rank() :: processes]
-    theta = parameters_to_vector(parameters).detach().clone()
+    specific = task_specific or [False] * len(parameters)
+    theta = [parameter.detach().clone() for parameter in parameters]
     if processes == 1 and len(work) == 1:  # the inner optimiser's end state is the new state: nothing to copy
         losses = train_steps(model, optimizer, work[0][1], settings.loss)
-        step = parameters_to_vector(parameters).detach() - theta
-        copy_into_parameters(theta + step_scale(epsilon, task_specific, theta) * step, parameters)
+        step = torch._foreach_sub([parameter.detach() for parameter in parameters], theta)
+        move_parameters(parameters, theta, step, [1.0 if own else epsilon for own in specific])
         return losses
-    start = OptimizerStates.capture(optimizer, parameters)
-    difference = torch.zeros_like(theta)
-    trained = torch.zeros(len(parameters), dtype=theta.dtype, device=theta.device)
-    states = start.zeros()
+    names = state_names(optimizer)
+    start = [{name: optimizer.state[p][name].clone() for name in names} if p in optimizer.state else None for p in parameters]
+    sums = TaskSums.zeros(parameters, names)
     losses = []
     for _, batches in work:
-        copy_into_parameters(theta, parameters)
-        start.restore(optimizer, parameters)
+        with torch.no_grad():
+            torch._foreach_copy_(parameters, theta)
+        restore_states(optimizer, parameters, start)
         losses.append(train_steps(model, optimizer, batches, settings.loss))
-        difference += parameters_to_vector(parameters).detach() - theta
-        was_trained = torch.tensor([p.grad is not None for p in parameters], dtype=theta.dtype, device=theta.device)
-        trained += was_trained
-        states += OptimizerStates.capture(optimizer, parameters).vector * start.expand(was_trained)
-    totals = loss_totals(losses).to(theta.device, theta.dtype)
-    flat = distributed.sum_across_processes(torch.cat([difference, trained, states, totals]))
-    difference, trained, states, totals = torch.split(flat, [theta.numel(), len(parameters), states.numel(), totals.numel()])
-    per_entry_count = torch.repeat_interleave(trained, torch.tensor([p.numel() for p in parameters], device=theta.device))
-    mean_difference = difference / per_entry_count.clamp(min=1.0)
-    copy_into_parameters(theta + step_scale(epsilon, task_specific, theta) * mean_difference, parameters)
-    start.restore(optimizer, parameters)
-    start.write_averages(optimizer, parameters, states, trained)
+        sums.add(optimizer, parameters, theta)
+    sums, totals = sums.across_processes(loss_totals(losses))
+    scales = [(1.0 if own else epsilon) / max(count, 1.0) for own, count in zip(specific, sums.counts)]
+    move_parameters(parameters, theta, sums.differences, scales)
+    restore_states(optimizer, parameters, start)
+    for index, parameter in enumerate(parameters):
+        if sums.counts[index] > 0:
+            optimizer.state[parameter] = {
+                name: (sums.states[name][index] / sums.counts[index]).to(torch.float32 if name == "step" else parameter.dtype)
+                for name in names
+            }
     return losses_from_totals(totals)
 
 
-def step_scale(epsilon: float, task_specific: torch.Tensor | None, theta: torch.Tensor) -> torch.Tensor | float:
-    """Epsilon for shared entries, 1 (keep the adapted weights) for task-specific ones."""
-    if task_specific is None:
-        return epsilon
-    return torch.where(task_specific, torch.ones_like(theta), torch.full_like(theta, epsilon))
+def state_names(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The per-parameter state tensors the meta-step copies: Adam's; none for plain SGD."""
+    return ("step", "exp_avg", "exp_avg_sq") if isinstance(optimizer, torch.optim.Adam) else ()
+
+
+def restore_states(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], states: list[dict | None]) -> None:
+    """Put captured per-parameter states back (a parameter captured without state gets none)."""
+    for parameter, state in zip(parameters, states):
+        if state is None:
+            optimizer.state.pop(parameter, None)
+        else:
+            optimizer.state[parameter] = {name: value.clone() for name, value in state.items()}
+
+
+def move_parameters(parameters: list[torch.nn.Parameter], theta: list[torch.Tensor], step: list[torch.Tensor], scales: list[float]) -> None:
+    """parameters <- theta + scale * step, per tensor."""
+    with torch.no_grad():
+        torch._foreach_copy_(parameters, torch._foreach_add(theta, torch._foreach_mul(step, scales)))
 
 
 @dataclass
-class OptimizerStates:
-    """The optimiser's per-parameter state as one flat vector (Adam: step, exp_avg, exp_avg_sq per
-    parameter; zeros where a parameter has no state yet; SGD without momentum: empty)."""
+class TaskSums:
+    """Sums over the tasks of a meta-step, per parameter tensor: weight changes (theta'_i - theta),
+    optimiser states, and the number of tasks that trained the parameter (its gradient was set)."""
 
-    names: tuple[str, ...]
-    sizes: list[int]  # entries per parameter
-    present: list[bool]
-    vector: torch.Tensor
+    differences: list[torch.Tensor]
+    states: dict[str, list[torch.Tensor]]
+    counts: list[float]
 
     @classmethod
-    def capture(cls, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter]) -> OptimizerStates:
-        names = ("step", "exp_avg", "exp_avg_sq") if isinstance(optimizer, torch.optim.Adam) else ()
-        reference = parameters[0]
-        parts, sizes, present = [], [], []
-        for parameter in parameters:
-            state = optimizer.state.get(parameter, {})
-            present.append(bool(state))
-            for name in names:
-                value = state.get(name)
-                shape = () if name == "step" else parameter.shape
-                parts.append(torch.zeros(shape, dtype=reference.dtype, device=reference.device).reshape(-1) if value is None
-                             else value.detach().reshape(-1).to(reference.device, reference.dtype))
-            sizes.append(sum(1 if name == "step" else parameter.numel() for name in names))
-        vector = torch.cat(parts) if parts else reference.new_zeros(0)
-        return cls(names, sizes, present, vector.clone())
+    def zeros(cls, parameters: list[torch.nn.Parameter], names: tuple[str, ...]) -> TaskSums:
+        states = {name: [torch.zeros((), dtype=p.dtype, device=p.device) if name == "step" else torch.zeros_like(p) for p in parameters] for name in names}
+        return cls([torch.zeros_like(p) for p in parameters], states, [0.0] * len(parameters))
 
-    def zeros(self) -> torch.Tensor:
-        return torch.zeros_like(self.vector)
+    def add(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], theta: list[torch.Tensor]) -> None:
+        trained = [index for index, parameter in enumerate(parameters) if parameter.grad is not None]
+        changes = torch._foreach_sub([parameters[i].detach() for i in trained], [theta[i] for i in trained])
+        torch._foreach_add_([self.differences[i] for i in trained], changes)
+        for name, sums in self.states.items():
+            values = [optimizer.state[parameters[i]][name].to(sums[i].dtype) for i in trained]
+            torch._foreach_add_([sums[i] for i in trained], values)
+        for index in trained:
+            self.counts[index] += 1.0
 
-    def expand(self, per_parameter: torch.Tensor) -> torch.Tensor:
-        """A per-parameter vector repeated over each parameter's state entries."""
-        return torch.repeat_interleave(per_parameter, torch.tensor(self.sizes, device=per_parameter.device))
-
-    def restore(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter]) -> None:
-        """Put this captured state back (parameters without state then have none)."""
-        self._write(optimizer, parameters, self.vector, self.present)
-
-    def write_averages(self, optimizer, parameters, sums: torch.Tensor, trained: torch.Tensor) -> None:
-        """State of each parameter trained by at least one task: its sum over those tasks / their count."""
-        averages = sums / self.expand(trained).clamp(min=1.0)
-        self._write(optimizer, parameters, averages, [bool(count > 0) for count in trained], keep_others=True)
-
-    def _write(self, optimizer, parameters, vector: torch.Tensor, which: list[bool], keep_others: bool = False) -> None:
-        offset = 0
-        for parameter, size, chosen in zip(parameters, self.sizes, which):
-            if not chosen:
-                if not keep_others:
-                    optimizer.state.pop(parameter, None)
-                offset += size
-                continue
-            state = optimizer.state[parameter]
-            for name in self.names:
-                count = 1 if name == "step" else parameter.numel()
-                value = vector[offset : offset + count]
-                offset += count
-                if name == "step":
-                    state[name] = value.reshape(()).to(torch.float32).clone()
-                else:
-                    state[name] = value.view_as(parameter).clone()
+    def across_processes(self, loss_totals_: torch.Tensor) -> tuple[TaskSums, torch.Tensor]:
+        """The sums (and loss totals) of all processes: one all-reduce; unchanged on one process."""
+        if distributed.world_size() == 1:
+            return self, loss_totals_
+        tensors = self.differences + [value for name in self.states for value in self.states[name]]
+        reference = self.differences[0]
+        counts = torch.tensor(self.counts, dtype=reference.dtype, device=reference.device)
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [counts, loss_totals_.to(reference.device, reference.dtype)])
+        flat = distributed.sum_across_processes(flat)
+        pieces = list(torch.split(flat, [t.numel() for t in tensors] + [len(self.counts), loss_totals_.numel()]))
+        shaped = [piece.view_as(t) for piece, t in zip(pieces, tensors)]
+        n = len(self.differences)
+        states = {name: shaped[n + k * n : n + (k + 1) * n] for k, name in enumerate(self.states)}
+        return TaskSums(shaped[:n], states, pieces[-2].tolist()), pieces[-1].double().cpu()
 
 
 def loss_totals(losses: list[dict[str, float]]) -> torch.Tensor:
