@@ -312,3 +312,11 @@ def test_option_error_words_keywords_and_flags_and_keeps_braces():
     error = OptionError("data{1}.npz: the file does not say its energy unit; pass {option} (e.g. {setting})", "energy_unit", "kcal/mol")
     assert str(error) == "data{1}.npz: the file does not say its energy unit; pass the option `energy_unit` (e.g. energy_unit='kcal/mol')"
     assert error.for_flag("--energy-unit") == "data{1}.npz: the file does not say its energy unit; pass --energy-unit (e.g. --energy-unit kcal/mol)"
+
+
+def test_evaluate_names_the_energy_key_flag(checkpoint, data_dir, capsys):
+    code, error = run_cli(capsys, "evaluate", str(checkpoint), str(data_dir / "qm7b_mp2_ccsd.xyz"), "--data-level", "mp2")
+    assert_one_line(code, error, "qm7b_mp2_ccsd.xyz, frame 0", "pass --energy-key")
+    code, error = run_cli(capsys, "evaluate", str(checkpoint), str(data_dir / "qm7b_mp2_ccsd.xyz"), "--data-level", "mp2",
+                          "--energy-key", "MP2_energy_Ha", "--energy-unit", "hartree")
+    assert_one_line(code, error, "qm7b_mp2_ccsd.xyz", "atomic number")  # read with the key; the model lacks N and S

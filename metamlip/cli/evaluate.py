@@ -24,18 +24,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-level", help="level of theory of DATA when the file does not say")
     parser.add_argument("--energy-unit", help="energy unit of DATA when the file does not say")
     parser.add_argument("--length-unit", help="length unit of DATA when the file does not say")
+    parser.add_argument("--energy-key", help="name of DATA's energy entry (e.g. an extended XYZ info key)")
+    parser.add_argument("--forces-key", help="name of DATA's forces entry")
     parser.add_argument("--model-level", help="which of the model's levels to predict (default: DATA's level)")
     parser.add_argument("--kcal", action="store_true", help="report kcal/mol and kcal/mol/Angstrom")
     parser.add_argument("--out", help="folder for metrics.json and parity PNGs")
     parser.set_defaults(run=run)
 
 
-FLAGS = {"energy_unit": "--energy-unit", "length_unit": "--length-unit", "level": "--data-level"}  # reader option: flag
+FLAGS = {  # reader option: flag
+    "energy_unit": "--energy-unit", "length_unit": "--length-unit", "level": "--data-level",
+    "energy_key": "--energy-key", "forces_key": "--forces-key",
+}
 
 
 def run(args: argparse.Namespace) -> int:
     model = load_potential(args.checkpoint)
-    source = DataSource(args.data, args.format, args.data_level, energy_unit=args.energy_unit, length_unit=args.length_unit)
+    source = DataSource(
+        args.data, args.format, args.data_level, energy_unit=args.energy_unit, length_unit=args.length_unit,
+        energy_key=args.energy_key, forces_key=args.forces_key,
+    )
     with options_as_flags(FLAGS):
         datasets = read_source(source)
     metrics = {}

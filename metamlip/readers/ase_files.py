@@ -21,7 +21,7 @@ import numpy as np
 from ase import Atoms
 
 from metamlip.data.level_dataset import LevelDataset
-from metamlip.errors import InputError
+from metamlip.errors import InputError, OptionError
 from metamlip.readers.blocks import Block, build_dataset, make_block
 from metamlip.readers.options import ReadOptions, Units, resolve_level, resolve_units
 
@@ -127,7 +127,7 @@ def _energy(name: str, frame: _Frame, key: str | None) -> tuple[str, float]:
     found = _lookup(frame, key, "energy")
     if found is None:
         what = f"no energy {key!r}" if key else "no energy (calculator, info or data)"
-        raise InputError(f"{name}: {what}; pass `energy_key` to name the energy")
+        raise OptionError(f"{name}: {what}; pass {{option}} to name the energy", "energy_key")
     value = np.asarray(found[1], dtype=np.float64).reshape(-1)
     if value.size != 1:
         raise InputError(f"{name}: energy {found[0]} has {value.size} values, expected 1")
