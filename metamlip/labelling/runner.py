@@ -128,16 +128,17 @@ def _check_electrons(index: int, numbers: np.ndarray, charge: int, multiplicity:
         )
 
 
-def _jobs(structures: Sequence[Atoms], skip: set[int], charge: int, multiplicity: int) -> list[Job]:
-    """The structures still to label; InputError for a periodic one or an impossible charge or spin."""
-    jobs = []
+def _check_structures(structures: Sequence[Atoms], charge: int, multiplicity: int) -> None:
+    """InputError for a periodic structure or an impossible charge or spin, before anything runs."""
     for index, atoms in enumerate(structures):
         if atoms.pbc.any():
             raise InputError(f"structure {index} is periodic; labelling handles molecules only")
         _check_electrons(index, atoms.get_atomic_numbers(), charge, multiplicity)
-        if index not in skip:
-            jobs.append((index, atoms.get_atomic_numbers(), atoms.get_positions()))
-    return jobs
+
+
+def _jobs(structures: Sequence[Atoms], skip: set[int]) -> list[Job]:
+    """The structures still to label (indices not in `skip`)."""
+    return [(index, atoms.get_atomic_numbers(), atoms.get_positions()) for index, atoms in enumerate(structures) if index not in skip]
 
 
 def label_structures(
@@ -163,12 +164,12 @@ def label_structures(
         raise OptionError(f"{{option}} (the spin multiplicity) must be at least 1, got {multiplicity}", "multiplicity", multiplicity)
     spec = resolve_level(level)
     out_path = Path(out_path)
-    _jobs(structures, set(range(len(structures))), charge, multiplicity)  # input checks before the output is touched
+    _check_structures(structures, charge, multiplicity)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     claim_output(out_path, input_fingerprint(structures, spec.name, charge, multiplicity))
     start = time.perf_counter()
     done = completed_indices(out_path, spec.name)
-    jobs = _jobs(structures, done, charge, multiplicity)
+    jobs = _jobs(structures, done)
     report = LabelReport(spec.name, out_path, len(structures), n_already_done=len(done & set(range(len(structures)))))
     bar = tqdm(total=len(jobs), desc=f"label {spec.name}", unit="structure", disable=not progress)
     try:
