@@ -21,10 +21,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, resume: bool = False, 
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.max_epochs=10")
     parser.add_argument("--print-defaults", action="store_true", help="print every config key with its default (YAML) and exit")
+    either = parser.add_mutually_exclusive_group()
     if resume:
-        parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
+        either.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     if overwrite:
-        parser.add_argument("--overwrite", action="store_true", help="replace a finished or resumable run in OUTPUT_DIR")
+        either.add_argument("--overwrite", action="store_true", help="replace a finished or resumable run in OUTPUT_DIR")
 
 
 def read_run_config(args: argparse.Namespace, cls: type, overrides: list[str] | None = None) -> Any | None:
