@@ -113,3 +113,16 @@ def test_selection_chooses_on_proxies_and_never_reads_the_target(tmp_path, data_
     selected = yaml.safe_load((tmp_path / "selection" / "selected.yaml").read_text())
     assert selected == {"strategy_settings": results["chosen"]}
     assert json.loads((tmp_path / "selection" / "selection.json").read_text())["chosen"] == results["chosen"]
+
+
+def test_a_diverging_grid_point_is_recorded_never_chosen_and_results_are_reused(tmp_path, data_dir):
+    grid = {"joint": {"finetune.training.learning_rate": [0.001, 1.0e6]}}
+    path = write_config(tmp_path, data_dir, "diverge", selection={"n_finetune": [4], "seeds": 2, "n_test": 10, "grid": grid}, strategies=["joint"])
+    config = load_config(path, ExperimentConfig)
+    results = run_selection(config, tmp_path / "selection")
+    diverged = [item for item in results["scores"] if item["settings"]["finetune.training.learning_rate"] == 1.0e6]
+    assert diverged[0]["score_energy_mae_ev"] is None and "diverged" in diverged[0]["diverged"]
+    assert results["chosen"] == {"joint": {"finetune.training.learning_rate": 0.001}}
+    stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "selection" / "scores").glob("*.json"))
+    assert len(stamps) == 2 and run_selection(config, tmp_path / "selection")["scores"] == results["scores"]
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "selection" / "scores").glob("*.json")) == stamps

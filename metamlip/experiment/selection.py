@@ -11,6 +11,7 @@ proxies, N and seeds. The target level is never read: sources declared as the ta
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -30,6 +31,7 @@ from metamlip.errors import InputError
 from metamlip.experiment.config import ExperimentConfig
 from metamlip.experiment.run import check_strategies, run_strategy, split_experiment_levels
 from metamlip.levels import level_slug, normalise_level
+from metamlip.training.loop import TrainingDiverged
 
 log = logging.getLogger("metamlip.selection")
 
@@ -71,20 +73,41 @@ def proxy_config(config: ExperimentConfig, proxy: str, strategy: str, point: dic
 
 
 def score_strategy(config: ExperimentConfig, levels: dict[str, LevelData], strategy: str, proxies: list[str], out_dir: Path) -> list[dict]:
-    """Every grid point of `strategy` on every proxy: per-run test energy MAEs and the score."""
+    """Every grid point of `strategy` on every proxy: per-run test energy MAEs and the score. Each
+    point's result is kept in OUT/scores/ (a rerun reuses it); a point whose training diverges
+    scores None and is never chosen."""
     scored = []
     for point in grid_points(config.selection.grid.get(strategy, {})):
-        errors = []
-        for proxy in proxies:
-            proxy_experiment = proxy_config(config, proxy, strategy, point, out_dir)
-            wanted = [normalise_level(level) for level in proxy_experiment.pretrain_levels] + [proxy]
-            data = split_experiment_levels(proxy_experiment, {level: levels[level] for level in wanted})
-            records, _ = run_strategy(proxy_experiment, data, strategy)
-            errors += [{"proxy": proxy, "n_finetune": r.n_finetune, "seed": r.seed, "energy_mae_ev": r.metrics.energy_mae_ev} for r in records]
-        score = float(np.exp(np.mean(np.log([error["energy_mae_ev"] for error in errors]))))
-        log.info("%s %s: proxy score %.4f eV", strategy, point, score)
-        scored.append({"strategy": strategy, "settings": point, "score_energy_mae_ev": score, "runs": errors})
+        key = {"strategy": strategy, "settings": point, "proxies": proxies, "selection": asdict(config.selection),
+               "config": {name: value for name, value in asdict(config).items() if name not in ("selection", "strategy_settings", "output_dir")}}
+        path = out_dir / "scores" / f"{level_slug(strategy)}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
+        if path.exists():
+            scored.append(json.loads(path.read_text(encoding="utf-8")))
+            continue
+        try:
+            errors = proxy_errors(config, levels, strategy, point, proxies, out_dir)
+            score, failure = float(np.exp(np.mean(np.log([error["energy_mae_ev"] for error in errors])))), None
+            log.info("%s %s: proxy score %.4f eV", strategy, point, score)
+        except TrainingDiverged as error:
+            errors, score, failure = [], None, str(error)
+            log.info("%s %s: diverged (%s)", strategy, point, failure)
+        item = {"strategy": strategy, "settings": point, "score_energy_mae_ev": score, "diverged": failure, "runs": errors}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(item, indent=2), encoding="utf-8")
+        scored.append(item)
     return scored
+
+
+def proxy_errors(config: ExperimentConfig, levels: dict[str, LevelData], strategy: str, point: dict, proxies: list[str], out_dir: Path) -> list[dict]:
+    """Test energy MAE of every proxy, N and seed for one grid point."""
+    errors = []
+    for proxy in proxies:
+        proxy_experiment = proxy_config(config, proxy, strategy, point, out_dir)
+        wanted = [normalise_level(level) for level in proxy_experiment.pretrain_levels] + [proxy]
+        data = split_experiment_levels(proxy_experiment, {level: levels[level] for level in wanted})
+        records, _ = run_strategy(proxy_experiment, data, strategy)
+        errors += [{"proxy": proxy, "n_finetune": r.n_finetune, "seed": r.seed, "energy_mae_ev": r.metrics.energy_mae_ev} for r in records]
+    return errors
 
 
 def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
@@ -112,7 +135,12 @@ def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
     else:
         _one_thread(config.threads)
         per_strategy = [score_strategy(config, levels, job, proxies, out_dir) for job in jobs]
-    chosen = {scored[0]["strategy"]: min(scored, key=lambda item: item["score_energy_mae_ev"])["settings"] for scored in per_strategy}
+    chosen = {}
+    for scored in per_strategy:
+        finite = [item for item in scored if item["score_energy_mae_ev"] is not None]
+        if not finite:
+            raise InputError(f"selection: every grid point of {scored[0]['strategy']!r} diverged; see {out_dir / 'scores'}")
+        chosen[scored[0]["strategy"]] = min(finite, key=lambda item: item["score_energy_mae_ev"])["settings"]
     results = {"proxy_levels": proxies, "target_level_read": False, "chosen": chosen, "scores": [item for scored in per_strategy for item in scored]}
     (out_dir / "selection.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     (out_dir / "selected.yaml").write_text(yaml.safe_dump({"strategy_settings": chosen}, sort_keys=False), encoding="utf-8")
@@ -124,7 +152,8 @@ def format_selection(results: dict) -> str:
     lines = [f"proxies: {', '.join(results['proxy_levels'])}"]
     for item in results["scores"]:
         mark = "*" if results["chosen"][item["strategy"]] == item["settings"] else " "
-        lines.append(f"{mark} {item['strategy']:<20} {item['score_energy_mae_ev'] * 1e3:9.2f} meV  {json.dumps(item['settings'])}")
+        score = "diverged" if item["score_energy_mae_ev"] is None else f"{item['score_energy_mae_ev'] * 1e3:.2f} meV"
+        lines.append(f"{mark} {item['strategy']:<20} {score:>12}  {json.dumps(item['settings'])}")
     return "\n".join(lines)
 
 
