@@ -29,7 +29,10 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11
     from importlib.resources.abc import Traversable
 
 # Bundled dataset name -> folder under metamlip/bundled/.
-BUNDLED: dict[str, str] = {"ethanol-multilevel": "ethanol_multilevel"}
+BUNDLED: dict[str, str] = {
+    "ethanol-multilevel": "ethanol_multilevel",
+    "methyl-formate-multilevel": "methyl_formate_multilevel",
+}
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class BundledDataset:
         target_level: the expensive level meant for fine-tuning.
         scans: scan name -> level name -> `Scan` (coordinate in degree or Angstrom, energies in eV).
         source_frames: level name -> (n_structures,) index of each structure in the original
-            dataset (MD17 frame index), the key that matches geometries across levels.
+            geometry pool (MD17 frame index for ethanol, MD frame for methyl formate), the key
+            that matches geometries across levels.
         manifest: the parsed ``manifest.json`` (levels, files, counts, scan definitions).
     """
 

@@ -64,7 +64,7 @@ BUILD = mb.MultilevelBuild(
         "each level takes the first n frames, sorted"
     ),
     seed=0,
-    target_level="ccsd(t)/cc-pvdz",
+    target_level="mp2/cc-pvdz",
     # Order = generation order: cheap levels, then MP2, CCSD(T) last (torsion scan before the bond scan).
     levels=(
         mb.LevelPlan("gfn2-xtb", N_CHEAP, "cheap"),

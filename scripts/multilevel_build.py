@@ -79,10 +79,18 @@ def level_slug(level: str) -> str:
     return re.sub(r"[^a-z0-9.+-]+", "_", normalise_level(level)).strip("_")
 
 
+def drawn_frames(n_pool: int, count: int, seed: int) -> np.ndarray:
+    """The first `count` pool indices of the seeded random draw, in draw order.
+
+    Levels are labelled in this order, so the frames of a level stopped early are still
+    the first frames of the draw (a random subset, nested in every larger level).
+    """
+    return np.random.default_rng(seed).permutation(n_pool)[:count]
+
+
 def select_frames(n_pool: int, count: int, seed: int) -> np.ndarray:
     """The first `count` pool indices of the seeded random draw, sorted."""
-    draw = np.random.default_rng(seed).permutation(n_pool)
-    return np.sort(draw[:count])
+    return np.sort(drawn_frames(n_pool, count, seed))
 
 
 def labelled_frame(atoms: Atoms, energy_ev: float, forces: np.ndarray | None, info: dict) -> Atoms:
@@ -122,21 +130,25 @@ class Timings:
         self.path.write_text(json.dumps(on_disk, indent=1) + "\n")
 
 
-def label_timed(structures: list[Atoms], level: str, out_path: Path, workers: int, timings: Timings) -> list[Atoms]:
-    """Label into `out_path` (resumable), record wall and CPU seconds, return frames sorted by source_index."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    report = label_structures(structures, level, out_path, workers=workers)
-    timings.add(out_path.name, report.n_labelled, time.perf_counter() - wall, time.process_time() - cpu)
-    print(report.summary(), flush=True)
+def label_timed(
+    structures: list[Atoms], level: str, out_path: Path, args: argparse.Namespace, timings: Timings
+) -> list[Atoms]:
+    """Label into `out_path` (resumable; only read with ``args.write_only``), record wall and CPU
+    seconds, return the frames there sorted by source_index."""
+    if not args.write_only:
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = label_structures(structures, level, out_path, workers=args.workers)
+        timings.add(out_path.name, report.n_labelled, time.perf_counter() - wall, time.process_time() - cpu)
+        print(report.summary(), flush=True)
     frames = ase.io.read(out_path, ":") if out_path.exists() else []
     return sorted(frames, key=lambda frame: int(frame.info["source_index"]))
 
 
 def bundle_level(frames: list[Atoms], pool_frames: np.ndarray, level: str, path: Path) -> list[int]:
-    """Write `frames` (source_index = position in `pool_frames`) with source_index = pool frame index;
-    return the pool frame indices written, in file order."""
+    """Write `frames` (source_index = position in `pool_frames`) sorted by pool frame, with
+    source_index = pool frame index; return the pool frame indices written, in file order."""
     out = []
-    for frame in frames:
+    for frame in sorted(frames, key=lambda frame: int(pool_frames[int(frame.info["source_index"])])):
         forces = frame.calc.results.get("forces")
         pool_frame = int(pool_frames[int(frame.info["source_index"])])
         info = {"level_of_theory": level, "energy_unit": "eV", "source_index": pool_frame}
@@ -196,25 +208,33 @@ def build_level(
     scans: dict[str, list[Atoms]],
     args: argparse.Namespace,
     timings: Timings,
-) -> tuple[dict, dict[str, str]]:
-    """Label one level on its frames of `pool` and on its scans, write its bundled files.
+) -> tuple[dict | None, dict[str, str]]:
+    """Label one level on its frames of `pool` (in draw order) and on its scans, write its bundled files.
 
-    Returns the manifest entry and scan name -> scan file.
+    Returns the manifest entry (None when no frame is labelled or ``args.scans_only``) and
+    scan name -> scan file of the complete scans (an incomplete one is left out).
     """
     level = normalise_level(plan.level)
     slug = level_slug(level)
-    frames = select_frames(len(pool), plan.count, build.seed)
-    structures = [pool[frame] for frame in frames]
-    labelled = label_timed(structures, level, args.work_dir / f"{slug}.xyz", args.workers, timings)
-    written = bundle_level(labelled, frames, level, args.out_dir / f"{slug}.xyz")
-    has_forces = all("forces" in frame.calc.results for frame in labelled)
+    frames = drawn_frames(len(pool), plan.count, build.seed)
+    entry = None
+    if not args.scans_only:
+        structures = [pool[frame] for frame in frames]
+        labelled = label_timed(structures, level, args.work_dir / f"{slug}.xyz", args, timings)
+        if labelled:
+            written = bundle_level(labelled, frames, level, args.out_dir / f"{slug}.xyz")
+            has_forces = all("forces" in frame.calc.results for frame in labelled)
+            entry = level_entry(f"{slug}.xyz", written, has_forces, plan.role, "computed with metamlip label")
     scan_files = {}
     for scan_name in build.scans if plan.scans is None else plan.scans:
         work_path = args.work_dir / f"{scan_name}__{slug}.xyz"
+        scan_frames = label_timed(scans[scan_name], level, work_path, args, timings)
+        if len(scan_frames) < len(scans[scan_name]):
+            print(f"{level}: scan {scan_name} has {len(scan_frames)} of {len(scans[scan_name])} points, left out")
+            continue
         scan_files[scan_name] = f"scans/{scan_name}__{slug}.xyz"
-        scan_frames = label_timed(scans[scan_name], level, work_path, args.workers, timings)
         bundle_scan(scan_frames, scan_name, build.scans[scan_name], level, args.out_dir / scan_files[scan_name])
-    return level_entry(f"{slug}.xyz", written, has_forces, plan.role, "computed with metamlip label"), scan_files
+    return entry, scan_files
 
 
 def manifest(build: MultilevelBuild, levels: dict[str, dict], scan_files: dict[str, dict[str, str]]) -> dict:
@@ -248,6 +268,13 @@ def parse_args(description: str, bundle_dir: Path, work_dir: Path) -> argparse.N
         help="label only this level (repeatable) into the work directory and write no manifest; "
         "lets expensive levels run in a separate process; a final run without --only writes the bundle",
     )
+    parser.add_argument("--scans-only", action="store_true", help="label the scans, not the frames (with --only)")
+    parser.add_argument(
+        "--write-only",
+        action="store_true",
+        help="label nothing: write the bundle and manifest from the work directory as it is "
+        "(a level stopped early keeps the first frames of the draw; incomplete scans are left out)",
+    )
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "scans").mkdir(parents=True, exist_ok=True)
@@ -275,11 +302,14 @@ def run_build(
         name = normalise_level(plan.level)
         if only is not None and name not in only:
             continue
-        levels[name], files_of_level = build_level(build, plan, pool, scans, args, timings)
+        entry, files_of_level = build_level(build, plan, pool, scans, args, timings)
+        if entry is not None:
+            levels[name] = entry
         for scan_name, scan_file in files_of_level.items():
             scan_files[scan_name][name] = scan_file
-        timings.save()
-    if only is None:
+        if not args.write_only:
+            timings.save()
+    if only is None and not args.scans_only:
         (args.out_dir / "manifest.json").write_text(compact_json(manifest(build, levels, scan_files)) + "\n")
     print(json.dumps(timings.entries, indent=1))
 

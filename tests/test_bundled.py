@@ -97,3 +97,89 @@ def test_readme_keeps_the_attribution() -> None:
 
     readme = files("metamlip").joinpath("bundled", "ethanol_multilevel", "README.md").read_text(encoding="utf-8")
     assert "thorben-frank/mlff" in readme and "MIT License" in readme and "Chmiela" in readme
+
+
+# --- methyl-formate-multilevel: GFN2-xTB MD geometries, MP2 and CCSD(T) targets --------------------------------
+
+MF_NAME = "methyl-formate-multilevel"
+MF_CHEAP_LEVELS = ("gfn2-xtb", "gfn1-xtb", "hf/sto-3g", "hf/3-21g", "hf/6-31g(d)")
+MF_TARGETS = {"mp2/cc-pvdz": True, "ccsd(t)/cc-pvdz": False}  # target level -> has forces
+MF_MIN_STRUCTURES = {"mp2/cc-pvdz": MIN_TARGET_STRUCTURES, "ccsd(t)/cc-pvdz": 3}  # CCSD(T): what the build reached
+MF_SCAN_POINTS = {"torsion_ococ": 36, "bond_och3": 25}
+
+
+@pytest.fixture(scope="module")
+def methyl_formate() -> BundledDataset:
+    return load_bundled(MF_NAME)
+
+
+def test_methyl_formate_levels_counts_and_forces(methyl_formate: BundledDataset) -> None:
+    assert MF_NAME in list_bundled()
+    assert methyl_formate.target_level == "mp2/cc-pvdz"
+    assert set(methyl_formate.levels) == set(MF_CHEAP_LEVELS) | set(MF_TARGETS)
+    for level in MF_CHEAP_LEVELS:
+        assert len(methyl_formate.levels[level]) >= MIN_CHEAP_STRUCTURES, level
+        assert methyl_formate.manifest["levels"][level]["role"] == "cheap"
+    for level in MF_TARGETS:
+        assert len(methyl_formate.levels[level]) >= MF_MIN_STRUCTURES[level], level
+        assert methyl_formate.manifest["levels"][level]["role"] == "target"
+    for level, dataset in methyl_formate.levels.items():
+        entry = methyl_formate.manifest["levels"][level]
+        assert len(dataset) == entry["n_structures"] == len(methyl_formate.source_frames[level]), level
+        assert dataset.elements == [1, 6, 8] and dataset.n_atoms.tolist() == [8] * len(dataset), level
+        has_forces = MF_TARGETS.get(level, True)
+        assert entry["forces"] == dataset.has_forces == has_forces, level
+        if has_forces:
+            assert np.isfinite(dataset.forces_ev_per_angstrom).all(), level
+
+
+def test_methyl_formate_targets_share_geometries_with_the_cheap_levels(methyl_formate: BundledDataset) -> None:
+    frames = methyl_formate.source_frames
+    reference = methyl_formate.levels["gfn2-xtb"]
+    row_of_frame = {int(frame): row for row, frame in enumerate(frames["gfn2-xtb"])}
+    assert set(frames["ccsd(t)/cc-pvdz"].tolist()) <= set(frames["mp2/cc-pvdz"].tolist())
+    for level, dataset in methyl_formate.levels.items():
+        assert set(frames[level].tolist()) <= set(row_of_frame), level
+        for row, frame in list(enumerate(frames[level]))[::15]:
+            np.testing.assert_allclose(
+                dataset.positions_angstrom[dataset.atom_slice(row)],
+                reference.positions_angstrom[reference.atom_slice(row_of_frame[int(frame)])],
+                atol=1e-7,
+            )
+
+
+def test_methyl_formate_energies_are_sane(methyl_formate: BundledDataset) -> None:
+    """Every level correlates with MP2 on shared frames; CCSD(T) sits below MP2 by a near-constant offset."""
+    mp2 = methyl_formate.levels["mp2/cc-pvdz"].energies_ev
+    mp2_row = {int(frame): row for row, frame in enumerate(methyl_formate.source_frames["mp2/cc-pvdz"])}
+    for level, dataset in methyl_formate.levels.items():
+        pairs = [(row, mp2_row[int(frame)]) for row, frame in enumerate(methyl_formate.source_frames[level])
+                 if int(frame) in mp2_row]
+        rows, mp2_rows = (list(column) for column in zip(*pairs))
+        energies = dataset.energies_ev[rows]
+        # HF, without correlation energy, correlates least with MP2 (about 0.84 at HF/6-31G(d))
+        assert np.corrcoef(energies, mp2[mp2_rows])[0, 1] > (0.99 if level == "ccsd(t)/cc-pvdz" else 0.8), level
+        if level == "ccsd(t)/cc-pvdz":
+            assert (energies < mp2[mp2_rows]).all()
+            assert np.std(energies - mp2[mp2_rows]) < 0.05  # eV; the offset is about -1.2 eV
+
+
+def test_methyl_formate_scans(methyl_formate: BundledDataset) -> None:
+    assert set(methyl_formate.scans) == set(MF_SCAN_POINTS)
+    for scan_name, points in MF_SCAN_POINTS.items():
+        assert methyl_formate.manifest["scans"][scan_name]["n_points"] == points
+        assert set(MF_CHEAP_LEVELS) | {"mp2/cc-pvdz"} <= set(methyl_formate.scans[scan_name]), scan_name
+        for level, scan in methyl_formate.scans[scan_name].items():
+            assert len(scan.coordinate) == points and np.isfinite(scan.energies_ev).all(), (scan_name, level)
+    for level, torsion in methyl_formate.scans["torsion_ococ"].items():
+        # the cis (Z) ester, O=C-O-C = 0 degree, is the minimum and lies below trans (180 degree)
+        assert torsion.kind == "torsion" and abs(torsion.coordinate[np.argmin(torsion.energies_ev)]) <= 10.0, level
+    for level, bond in methyl_formate.scans["bond_och3"].items():
+        assert bond.kind == "bond" and 1.35 <= bond.coordinate[np.argmin(bond.energies_ev)] <= 1.55, level
+
+
+def test_methyl_formate_readme_states_origin_and_license() -> None:
+    from importlib.resources import files
+
+    readme = files("metamlip").joinpath("bundled", "methyl_formate_multilevel", "README.md").read_text(encoding="utf-8")
+    assert "computed by" in readme.lower() and "license" in readme.lower()
