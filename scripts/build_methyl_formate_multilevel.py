@@ -61,7 +61,7 @@ BUILD = mb.MultilevelBuild(
     ),
     selection_rule=(
         f"MD pool of {N_CHEAP} frames; numpy default_rng(seed).permutation({N_CHEAP}); "
-        "each level takes the first n frames, sorted"
+        "each level takes the first n frames (labelled in draw order, written sorted)"
     ),
     seed=0,
     target_level="mp2/cc-pvdz",
@@ -73,7 +73,7 @@ BUILD = mb.MultilevelBuild(
         mb.LevelPlan("hf/3-21g", N_CHEAP, "cheap"),
         mb.LevelPlan("hf/6-31g(d)", N_CHEAP, "cheap"),
         mb.LevelPlan("mp2/cc-pvdz", N_TARGET, "target"),
-        mb.LevelPlan("ccsd(t)/cc-pvdz", N_TARGET, "target", scans=("torsion_ococ", "bond_och3")),
+        mb.LevelPlan("ccsd(t)/cc-pvdz", N_TARGET, "target"),
     ),
     scans=SCANS,
     scan_base={"base_geometry": "ase.build.molecule('HCOOCH3')"},

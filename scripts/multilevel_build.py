@@ -36,15 +36,11 @@ from metamlip.scans.geometry import scan_geometries  # noqa: E402
 
 
 class LevelPlan(NamedTuple):
-    """One level of a build: computed on the first `count` frames of the seeded draw.
-
-    `scans`: names of the scans computed at this level, None for all of them.
-    """
+    """One level of a build: computed on the first `count` frames of the seeded draw and on every scan."""
 
     level: str
     count: int
     role: str
-    scans: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -226,7 +222,7 @@ def build_level(
             has_forces = all("forces" in frame.calc.results for frame in labelled)
             entry = level_entry(f"{slug}.xyz", written, has_forces, plan.role, "computed with metamlip label")
     scan_files = {}
-    for scan_name in build.scans if plan.scans is None else plan.scans:
+    for scan_name in build.scans:
         work_path = args.work_dir / f"{scan_name}__{slug}.xyz"
         scan_frames = label_timed(scans[scan_name], level, work_path, args, timings)
         if len(scan_frames) < len(scans[scan_name]):
