@@ -178,12 +178,21 @@ def state_names(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
 
 
 def restore_states(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], states: list[dict | None]) -> None:
-    """Put captured per-parameter states back (a parameter captured without state gets none)."""
+    """Put captured per-parameter states back (a parameter captured without state gets none);
+    existing state tensors are overwritten in place, in one foreach copy."""
+    targets, sources = [], []
     for parameter, state in zip(parameters, states):
+        current = optimizer.state.get(parameter)
         if state is None:
             optimizer.state.pop(parameter, None)
+        elif current is not None and current.keys() == state.keys():
+            for name, value in state.items():
+                targets.append(current[name])
+                sources.append(value)
         else:
             optimizer.state[parameter] = {name: value.clone() for name, value in state.items()}
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def move_parameters(parameters: list[torch.nn.Parameter], theta: list[torch.Tensor], step: list[torch.Tensor], scales: list[float]) -> None:
@@ -211,7 +220,9 @@ class TaskSums:
         changes = torch._foreach_sub([parameters[i].detach() for i in trained], [theta[i] for i in trained])
         torch._foreach_add_([self.differences[i] for i in trained], changes)
         for name, sums in self.states.items():
-            values = [optimizer.state[parameters[i]][name].to(sums[i].dtype) for i in trained]
+            values = [optimizer.state[parameters[i]][name] for i in trained]
+            if name == "step":  # a float32 scalar; the sums are in the parameters' dtype
+                values = [value.to(sums[i].dtype) for i, value in zip(trained, values)]
             torch._foreach_add_([sums[i] for i in trained], values)
         for index in trained:
             self.counts[index] += 1.0
