@@ -169,9 +169,9 @@ def test_methyl_formate_scans(methyl_formate: BundledDataset) -> None:
     for scan_name, points in MF_SCAN_POINTS.items():
         assert methyl_formate.manifest["scans"][scan_name]["n_points"] == points
         assert set(MF_CHEAP_LEVELS) | {"mp2/cc-pvdz"} <= set(methyl_formate.scans[scan_name]), scan_name
-    assert "ccsd(t)/cc-pvdz" in methyl_formate.scans["torsion_ococ"]
         for level, scan in methyl_formate.scans[scan_name].items():
             assert len(scan.coordinate) == points and np.isfinite(scan.energies_ev).all(), (scan_name, level)
+    assert "ccsd(t)/cc-pvdz" in methyl_formate.scans["torsion_ococ"]
     for level, torsion in methyl_formate.scans["torsion_ococ"].items():
         # the cis (Z) ester, O=C-O-C = 0 degree, is the minimum and lies below trans (180 degree)
         assert torsion.kind == "torsion" and abs(torsion.coordinate[np.argmin(torsion.energies_ev)]) <= 10.0, level
