@@ -140,3 +140,43 @@ def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
     check_strategies(config)
     assert len(proxy_sources(config)) == len(config.datasets) - 1  # select never opens the target's file
     assert any(name in config.strategy_settings for name in ("reptile", "reptile_multihead", "fomaml"))
+
+
+def test_experiment_workers_end_when_the_parent_is_killed(tmp_path, data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_config(tmp_path, data_dir, "orphans", workers=2, strategies=["joint", "multihead"],
+                        pretrain={"gradient_steps": 100000, "steps_per_epoch": 50, "training": {"batch_size": 4, "progress": False}})
+    parent = subprocess.Popen([sys.executable, "-m", "metamlip", "experiment", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent.pid:
+                        found.append(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return found
+
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(0.5)
+        workers = [pid for pid in children() if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")]
+    assert len(workers) >= 2, "the experiment never started its worker processes"
+    time.sleep(2)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.5)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ from metamlip.experiment.statistics import claim_check, pairwise_comparisons
 from metamlip.finetune import FinetuneOptions, finetune
 from metamlip.levels import level_slug, normalise_level
 from metamlip.model.potential import Potential
+from metamlip.parent_watch import end_with_parent
 from metamlip.pretrain import pretrain, pretraining_summary
 from metamlip.strategies import META_LEARNERS, SINGLE_LEVEL_PREFIX, Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
@@ -237,10 +239,14 @@ def run_strategies(config: ExperimentConfig, data: ExperimentData, names: list[s
     """`run_strategy` for every name, in `config.workers` parallel processes when more than one."""
     if config.workers > 1:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_quiet_worker) as pool:
+        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(), config.threads)) as pool:
             return list(pool.map(run_strategy, repeat(config), repeat(data), names))
     return [run_strategy(config, data, name) for name in names]
 
 
-def _quiet_worker() -> None:
+def start_worker(parent_pid: int, threads: int | None) -> None:
+    """Process-pool initializer: end with the parent (no orphans after a kill), log plainly, set threads."""
+    end_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads:
+        torch.set_num_threads(threads)

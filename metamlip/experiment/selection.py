@@ -15,10 +15,11 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-import multiprocessing
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from metamlip.data.lazy_batching import LevelData
 from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
 from metamlip.experiment.config import ExperimentConfig
-from metamlip.experiment.run import check_strategies, run_strategy, split_experiment_levels
+from metamlip.experiment.run import check_strategies, run_strategy, split_experiment_levels, start_worker
 from metamlip.levels import level_slug, normalise_level
 from metamlip.training.loop import TrainingDiverged
 
@@ -130,10 +131,11 @@ def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
     jobs = list(config.selection.grid)
     if config.workers > 1:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_one_thread, initargs=(config.threads,)) as pool:
+        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(), config.threads)) as pool:
             per_strategy = list(pool.map(score_strategy, *zip(*[(config, levels, job, proxies, out_dir) for job in jobs])))
     else:
-        _one_thread(config.threads)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         per_strategy = [score_strategy(config, levels, job, proxies, out_dir) for job in jobs]
     chosen = {}
     for scored in per_strategy:
@@ -155,9 +157,3 @@ def format_selection(results: dict) -> str:
         score = "diverged" if item["score_energy_mae_ev"] is None else f"{item['score_energy_mae_ev'] * 1e3:.2f} meV"
         lines.append(f"{mark} {item['strategy']:<20} {score:>12}  {json.dumps(item['settings'])}")
     return "\n".join(lines)
-
-
-def _one_thread(threads: int | None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if threads:
-        torch.set_num_threads(threads)

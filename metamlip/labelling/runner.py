@@ -34,7 +34,7 @@ from metamlip.labelling.output import (
     labelled_atoms,
     write_failures,
 )
-from metamlip.labelling.parent_watch import end_with_parent
+from metamlip.parent_watch import end_with_parent
 from metamlip.labelling.threads import single_threaded, single_threaded_worker
 
 log = logging.getLogger(__name__)

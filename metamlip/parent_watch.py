@@ -1,4 +1,5 @@
-"""Label workers end when their parent does, so a kill -9 of `metamlip label` leaves no orphans.
+"""Worker processes end when their parent does, so a kill -9 of `metamlip label`, `experiment` or
+`select` leaves no orphans.
 
 A pool worker blocked in a QM calculation never notices that the parent is gone (each holds
 hundreds of MB). On Linux the kernel sends the worker SIGKILL when its parent dies
