@@ -20,10 +20,9 @@ from torch.nn.utils import parameters_to_vector
 
 from metamlip import distributed
 from metamlip.data.batching import Batch
-from metamlip.errors import InputError
 from metamlip.model.potential import Potential
 from metamlip.strategies.base import PretrainBudget
-from metamlip.strategies.reptile import MetaEpochs, copy_into_parameters, loss_totals, losses_from_totals, mean_losses
+from metamlip.strategies.reptile import MetaEpochs, copy_into_parameters, loss_totals, losses_from_totals, mean_losses, this_process_tasks
 from metamlip.strategies.reptile_strategy import Reptile
 from metamlip.training.loop import EpochPlan, Task, TrainingSettings, train_steps
 from metamlip.training.loss import batch_loss
@@ -52,11 +51,7 @@ def fomaml_step(
     settings: TrainingSettings,
 ) -> dict[str, float]:
     """One FOMAML meta-step in place on `model` and the outer optimiser."""
-    processes = distributed.world_size()
-    if processes > 1:
-        if len(work) < processes:
-            raise InputError(f"reptile.tasks_per_meta_step ({len(work)}) must be at least the number of processes ({processes})")
-        work = work[distributed.rank() :: processes]
+    work = this_process_tasks(work)
     theta = parameters_to_vector(parameters).detach().clone()
     gradient = torch.zeros_like(theta)
     losses = []

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn.utils import parameters_to_vector
 
 from metamlip import distributed
 from metamlip.data.batching import Batch
@@ -137,14 +136,10 @@ def meta_step_update(
     task_specific: list[bool] | None = None,
 ) -> dict[str, float]:
     """One Reptile meta-step in place on `model` and `optimizer` (see the module docstring)."""
-    processes = distributed.world_size()
-    if processes > 1:
-        if len(work) < processes:
-            raise InputError(f"reptile.tasks_per_meta_step ({len(work)}) must be at least the number of processes ({processes})")
-        work = work[distributed.rank() :: processes]
+    work = this_process_tasks(work)
     specific = task_specific or [False] * len(parameters)
     theta = [parameter.detach().clone() for parameter in parameters]
-    if processes == 1 and len(work) == 1:  # the inner optimiser's end state is the new state: nothing to copy
+    if distributed.world_size() == 1 and len(work) == 1:  # the inner optimiser's end state is the new state: nothing to copy
         losses = train_steps(model, optimizer, work[0][1], settings.loss)
         step = torch._foreach_sub([parameter.detach() for parameter in parameters], theta)
         move_parameters(parameters, theta, step, [1.0 if own else epsilon for own in specific])
@@ -170,6 +165,16 @@ def meta_step_update(
                 for name in names
             }
     return losses_from_totals(totals)
+
+
+def this_process_tasks(work: list) -> list:
+    """The tasks of a meta-step this process adapts: all of them on one process, else every W-th."""
+    processes = distributed.world_size()
+    if processes == 1:
+        return work
+    if len(work) < processes:
+        raise InputError(f"reptile.tasks_per_meta_step ({len(work)}) must be at least the number of processes ({processes})")
+    return work[distributed.rank() :: processes]
 
 
 def state_names(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
