@@ -128,14 +128,12 @@ def test_a_diverging_grid_point_is_recorded_never_chosen_and_results_are_reused(
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "selection" / "scores").glob("*.json")) == stamps
 
 
-@pytest.mark.parametrize("name", ["demo_ethanol.yaml", "ethanol_study.yaml", "methyl_formate_study.yaml"])
+@pytest.mark.parametrize("name", ["demo_ethanol.yaml", "ethanol_study.yaml", "methyl_formate_study.yaml", "methyl_formate_ccsdt_study.yaml"])
 def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
     from metamlip.experiment.run import check_strategies
     from metamlip.experiment.selection import proxy_sources
 
     path = Path(__file__).parents[1] / "metamlip" / "configs" / name
-    if name.startswith("methyl") and not (path.parent.parent / "bundled" / "methyl_formate_multilevel" / "mp2_cc-pvdz.xyz").exists():
-        pytest.skip("methyl-formate-multilevel is not built in this checkout")
     config = load_config(path, ExperimentConfig)
     check_strategies(config)
     assert len(proxy_sources(config)) == len(config.datasets) - 1  # select never opens the target's file
