@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def path_problem(error: OSError) -> str:
+    """What is wrong with the path of a file-system error, in words."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, expected a file"
+    if isinstance(error, NotADirectoryError):
+        return "part of this path is a file, not a folder"
+    return "is a file, not a folder" if error.filename and os.path.isfile(error.filename) else "already exists"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `metamlip` command; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -59,18 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())
         print(f"metamlip {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:
-        print(f"metamlip {args.command}: error: {error.filename or error}: no such file", file=sys.stderr)
-        return 2
-    except IsADirectoryError as error:
-        print(f"metamlip {args.command}: error: {error.filename or error}: is a folder, expected a file", file=sys.stderr)
-        return 2
-    except NotADirectoryError as error:
-        print(f"metamlip {args.command}: error: {error.filename or error}: part of this path is a file, not a folder", file=sys.stderr)
-        return 2
-    except FileExistsError as error:
-        what = "is a file, not a folder" if error.filename and os.path.isfile(error.filename) else "already exists"
-        print(f"metamlip {args.command}: error: {error.filename or error}: {what}", file=sys.stderr)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError) as error:
+        print(f"metamlip {args.command}: error: {error.filename or error}: {path_problem(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # TrainingInterrupted carries its message and exit code (143 for SIGTERM)
         print(f"metamlip {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
