@@ -115,3 +115,17 @@ def test_commands_that_do_not_run_under_torchrun_say_so(tmp_path, monkeypatch, c
     assert main(["experiment", str(tmp_path / "any.yaml")]) == 2
     message = capsys.readouterr().err.strip()
     assert message == "metamlip experiment: error: only train, pretrain, finetune run under torchrun"
+
+
+def test_every_command_prints_its_help(capsys):
+    """--help of every subcommand exits 0 with its usage (an empty exclusive group broke it on Python 3.11)."""
+    from metamlip.cli.main import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"experiment", "select", "demo", "train"} <= set(commands)
+    for command in commands:
+        try:
+            main([command, "--help"])
+        except SystemExit as exit:
+            assert exit.code == 0, command
+        assert f"usage: metamlip {command}" in capsys.readouterr().out, command

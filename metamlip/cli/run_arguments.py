@@ -21,6 +21,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, resume: bool = False, 
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.max_epochs=10")
     parser.add_argument("--print-defaults", action="store_true", help="print every config key with its default (YAML) and exit")
+    if not (resume or overwrite):
+        return  # an empty exclusive group breaks --help on Python 3.11
     either = parser.add_mutually_exclusive_group()
     if resume:
         either.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
