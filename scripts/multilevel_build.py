@@ -31,6 +31,9 @@ from ase import Atoms  # noqa: E402
 from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
 
 from metamlip.labelling import label_structures  # noqa: E402
+from metamlip.labelling.calculation import Label  # noqa: E402
+from metamlip.labelling.fingerprint import claim_output, input_fingerprint  # noqa: E402
+from metamlip.labelling.output import append_frame, labelled_atoms  # noqa: E402
 from metamlip.levels import normalise_level  # noqa: E402
 from metamlip.scans.geometry import scan_geometries  # noqa: E402
 
@@ -140,6 +143,32 @@ def label_timed(
     return sorted(frames, key=lambda frame: int(frame.info["source_index"]))
 
 
+def seed_work_file(
+    structures: list[Atoms], level: str, work_path: Path, bundle_path: Path, work_index: dict[int, int] | None = None
+) -> int:
+    """Rebuild a missing work file from the bundled file, so a build continues on a machine without
+    the work directory; returns the frames copied (0 when the work file exists or nothing is bundled).
+
+    `work_index` maps a bundled ``source_index`` (pool frame) to the position in `structures`
+    (identity for scans). The bundled positions must be those of `structures`: a pool that
+    differs (another MD, another seed) is an error, never a silent mix.
+    """
+    if work_path.exists() or not bundle_path.exists():
+        return 0
+    claim_output(work_path, input_fingerprint(structures, level, 0, 1))
+    bundled = ase.io.read(bundle_path, ":")
+    for frame in bundled:
+        index = int(frame.info["source_index"])
+        index = work_index[index] if work_index is not None else index
+        source = structures[index]
+        if not np.allclose(frame.positions, source.positions, atol=1e-6) or list(frame.numbers) != list(source.numbers):
+            raise SystemExit(f"{bundle_path}: source_index {frame.info['source_index']} does not match the pool; rebuild without --from-bundle")
+        label = Label(frame.get_potential_energy(), frame.calc.results.get("forces"))
+        append_frame(work_path, labelled_atoms(source.numbers, source.positions, label, level, index))
+    print(f"{work_path.name}: {len(bundled)} frames taken from {bundle_path}", flush=True)
+    return len(bundled)
+
+
 def bundle_level(frames: list[Atoms], pool_frames: np.ndarray, level: str, path: Path) -> list[int]:
     """Write `frames` (source_index = position in `pool_frames`) sorted by pool frame, with
     source_index = pool frame index; return the pool frame indices written, in file order."""
@@ -216,6 +245,9 @@ def build_level(
     entry = None
     if not args.scans_only:
         structures = [pool[frame] for frame in frames]
+        if args.from_bundle:
+            work_index = {int(frame): position for position, frame in enumerate(frames)}
+            seed_work_file(structures, level, args.work_dir / f"{slug}.xyz", args.bundle_dir / f"{slug}.xyz", work_index)
         labelled = label_timed(structures, level, args.work_dir / f"{slug}.xyz", args, timings)
         if labelled:
             written = bundle_level(labelled, frames, level, args.out_dir / f"{slug}.xyz")
@@ -224,6 +256,8 @@ def build_level(
     scan_files = {}
     for scan_name in build.scans:
         work_path = args.work_dir / f"{scan_name}__{slug}.xyz"
+        if args.from_bundle:
+            seed_work_file(scans[scan_name], level, work_path, args.bundle_dir / "scans" / work_path.name)
         scan_frames = label_timed(scans[scan_name], level, work_path, args, timings)
         if len(scan_frames) < len(scans[scan_name]):
             print(f"{level}: scan {scan_name} has {len(scan_frames)} of {len(scans[scan_name])} points, left out")
@@ -271,7 +305,14 @@ def parse_args(description: str, bundle_dir: Path, work_dir: Path) -> argparse.N
         help="label nothing: write the bundle and manifest from the work directory as it is "
         "(a level stopped early keeps the first frames of the draw; incomplete scans are left out)",
     )
+    parser.add_argument(
+        "--from-bundle",
+        action="store_true",
+        help="first rebuild missing work files from the bundled files (a fresh machine continues a build "
+        "instead of recomputing what is bundled)",
+    )
     args = parser.parse_args()
+    args.bundle_dir = bundle_dir
     args.work_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "scans").mkdir(parents=True, exist_ok=True)
     return args
