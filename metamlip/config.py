@@ -229,11 +229,11 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
 
 
 def resolve_paths(config: Any, base_dir: Path, prefix: str = "") -> None:
-    """Make file paths (`path` of data and scan sources, `checkpoint`) absolute, relative to the
-    config file's folder, and check that they exist."""
+    """Make file paths (`path` of data and scan sources, `checkpoint`, `selection_file`) absolute,
+    relative to the config file's folder, and check that they exist."""
     for name in (f.name for f in dataclasses.fields(config)):
         value = getattr(config, name)
-        if name in ("path", "checkpoint") and isinstance(value, str):
+        if name in ("path", "checkpoint", "selection_file") and isinstance(value, str):
             if not value:
                 raise InputError(f"config key {prefix + name!r} is missing")
             path = Path(value).expanduser()

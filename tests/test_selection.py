@@ -130,14 +130,15 @@ def test_a_diverging_grid_point_is_recorded_never_chosen_and_results_are_reused(
 
 @pytest.mark.parametrize("name", ["demo_ethanol.yaml", "ethanol_study.yaml", "methyl_formate_study.yaml", "methyl_formate_ccsdt_study.yaml"])
 def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
-    from metamlip.experiment.run import check_strategies
+    from metamlip.experiment.run import check_strategies, read_selection
     from metamlip.experiment.selection import proxy_sources
 
     path = Path(__file__).parents[1] / "metamlip" / "configs" / name
-    config = load_config(path, ExperimentConfig)
+    config, selection = read_selection(load_config(path, ExperimentConfig))
     check_strategies(config)
     assert len(proxy_sources(config)) == len(config.datasets) - 1  # select never opens the target's file
-    assert any(name in config.strategy_settings for name in ("reptile", "reptile_multihead", "fomaml"))
+    assert selection["target_level_read"] is False and selection["proxy_levels"] == ["hf/6-31g(d)", "b3lyp/6-31g(d)"]
+    assert config.strategy_settings["reptile"]["pretrain.reptile.inner_steps"] == 3  # the choice of the shipped selection
 
 
 def test_experiment_workers_end_when_the_parent_is_killed(tmp_path, data_dir):
@@ -178,3 +179,29 @@ def test_experiment_workers_end_when_the_parent_is_killed(tmp_path, data_dir):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive
+
+
+def test_experiment_takes_settings_and_scores_from_a_selection_file(tmp_path, data_dir, capsys):
+    chosen = {"reptile": {"pretrain.reptile.inner_steps": 1}, "joint": {"finetune.training.learning_rate": 0.002},
+              "fomaml": {"finetune.training.learning_rate": 0.003}}
+    scores = [{"strategy": name, "settings": settings, "score_energy_mae_ev": 0.05, "diverged": None, "runs": []} for name, settings in chosen.items()]
+    scores.append({"strategy": "reptile", "settings": {"pretrain.reptile.inner_steps": 2}, "score_energy_mae_ev": None, "diverged": "diverged at epoch 1"})
+    (tmp_path / "picked.json").write_text(json.dumps({"proxy_levels": ["pbe0+mbd"], "target_level_read": False, "chosen": chosen, "scores": scores}))
+    path = write_config(tmp_path, data_dir, "from_file", selection_file="picked.json",
+                        strategy_settings={"joint": {"finetune.training.learning_rate": 0.005}})
+    config = load_config(path, ExperimentConfig)
+    assert config.selection_file == str(tmp_path / "picked.json")  # relative to the config file
+    results = run_experiment(config)
+    # chosen settings apply to strategies the config leaves open; the config's own entry wins; fomaml is not run
+    assert results["strategy_settings"] == {"joint": {"finetune.training.learning_rate": 0.005}, "reptile": {"pretrain.reptile.inner_steps": 1}}
+    assert set(results["selection"]["chosen"]) == {"joint", "reptile"} and len(results["selection"]["scores"]) == 3
+    report = (Path(config.output_dir) / "report.md").read_text()
+    assert "## Settings chosen on proxy tasks" in report and "diverged" in report and "picked.json" in report
+    (tmp_path / "broken.json").write_text('{"chosen": {}}')
+    broken = write_config(tmp_path, data_dir, "broken", selection_file="broken.json")
+    assert main(["experiment", str(broken)]) == 2
+    error = capsys.readouterr().err
+    assert "selection_file" in error and "broken.json" in error
+    missing = write_config(tmp_path, data_dir, "missing", selection_file="nowhere.json")
+    assert main(["experiment", str(missing)]) == 2
+    assert "nowhere.json" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import argparse
 
 from metamlip.config import load_config
 from metamlip.experiment.config import ExperimentConfig
-from metamlip.experiment.selection import format_selection, run_selection
+from metamlip.experiment.report import format_selection
+from metamlip.experiment.selection import run_selection
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,5 +24,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, ExperimentConfig, args.overrides)
     results = run_selection(config, args.out)
     print(format_selection(results))
-    print(f"chosen settings: {args.out}/selected.yaml (paste as 'strategy_settings'), scores: {args.out}/selection.json")
+    print(f"chosen settings and scores: {args.out}/selection.json (an experiment config takes it as 'selection_file'; "
+          f"{args.out}/selected.yaml is the same choice as 'strategy_settings')")
     return 0

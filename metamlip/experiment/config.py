@@ -110,13 +110,17 @@ class SelectionSection:
 @dataclass
 class ExperimentConfig:
     """`metamlip experiment`: every strategy pre-trained with one budget, fine-tuned for every N and seed,
-    tested on a held-out target test set that no training or validation ever sees."""
+    tested on a held-out target test set that no training or validation ever sees.
+
+    `selection_file`: a ``selection.json`` of `metamlip select`; its chosen settings apply to the
+    strategies run that `strategy_settings` does not list, and its proxy scores go into the results."""
 
     datasets: list[DataSource] = field(default_factory=list)
     pretrain_levels: list[str] = field(default_factory=list)
     target_level: str = ""
     strategies: list[str] = field(default_factory=lambda: ["scratch", "joint", "multihead", "reptile"])
     strategy_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selection_file: str | None = None
     n_test: int = 50
     split_seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)

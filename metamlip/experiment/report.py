@@ -109,6 +109,34 @@ def pretraining_section(results: dict) -> list[str]:
     return lines + [""]
 
 
+def format_selection(results: dict) -> str:
+    """One line per grid point: strategy, settings, proxy score (meV), the chosen ones marked."""
+    lines = [f"proxies: {', '.join(results['proxy_levels'])}"]
+    for item in results["scores"]:
+        mark = "*" if results["chosen"][item["strategy"]] == item["settings"] else " "
+        score = "diverged" if item["score_energy_mae_ev"] is None else f"{item['score_energy_mae_ev'] * 1e3:.2f} meV"
+        lines.append(f"{mark} {item['strategy']:<20} {score:>12}  {json.dumps(item['settings'])}")
+    return "\n".join(lines)
+
+
+def selection_section(results: dict) -> list[str]:
+    """Markdown: where each strategy's settings came from (`selection_file`) and every proxy score."""
+    selection = results.get("selection")
+    if not selection:
+        return []
+    return [
+        "## Settings chosen on proxy tasks",
+        "",
+        f"From `{selection['file']}` (written by `metamlip select`; the target level was never read there). "
+        "Score = geometric mean of the proxy test energy MAEs over proxies, N and seeds; * = chosen.",
+        "",
+        "```",
+        format_selection(selection),
+        "```",
+        "",
+    ]
+
+
 def comparison_section(results: dict) -> list[str]:
     """Markdown: the meta-learning claim at each N, then every pair of strategies (ratio of test
     errors on the same fine-tuning draws, 95% bootstrap interval, verdict)."""
@@ -162,7 +190,7 @@ def write_report(config: ExperimentConfig, results: dict, records: list[Finetune
             "second derivatives (eV/degree^2 for torsions, eV/Angstrom^2 for bonds) on a grid 4x denser than the reference.",
             "",
         ]
-    text += pretraining_section(results) + comparison_section(results)
+    text += selection_section(results) + pretraining_section(results) + comparison_section(results)
     text += ["## Configuration", "", "```json", json.dumps(asdict(config), indent=2), "```", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(text), encoding="utf-8")

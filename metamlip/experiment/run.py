@@ -86,6 +86,31 @@ def check_strategies(config: ExperimentConfig) -> None:
         raise InputError(f"config key 'strategy_settings' names strategies that are not run: {sorted(unused)}")
 
 
+def read_selection(config: ExperimentConfig) -> tuple[ExperimentConfig, dict | None]:
+    """The config with the settings chosen in `selection_file` added to `strategy_settings` (entries
+    there win), and the selection restricted to the strategies run (None without a file)."""
+    if config.selection_file is None:
+        return config, None
+    path = Path(config.selection_file)
+    try:
+        selection = json.loads(path.read_text(encoding="utf-8"))
+        chosen, scores, proxies = selection["chosen"], selection["scores"], selection["proxy_levels"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"config key 'selection_file': {path}: not a selection.json of `metamlip select` ({error!r})") from None
+    names = set(strategy_names(config))
+    taken = {name: settings for name, settings in chosen.items() if name in names and name not in config.strategy_settings}
+    settings = {**taken, **config.strategy_settings}
+    config = from_mapping(ExperimentConfig, asdict(config) | {"strategy_settings": settings}, where=str(path))
+    kept = {
+        "file": str(path),
+        "proxy_levels": proxies,
+        "target_level_read": selection.get("target_level_read", False),
+        "chosen": {name: chosen[name] for name in chosen if name in names},
+        "scores": [item for item in scores if item["strategy"] in names],
+    }
+    return config, kept
+
+
 def read_experiment_levels(config: ExperimentConfig) -> dict[str, LevelData]:
     """Every level named by the config, read from its datasets; errors before any training."""
     check_strategies(config)
@@ -212,6 +237,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
     With `workers` > 1 the strategies run in parallel processes; every run is seeded, so the
     results do not depend on the number of workers."""
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    config, selection = read_selection(config)
     data = prepare_experiment(config)
     names = strategy_names(config)
     per_strategy = run_strategies(config, data, names)
@@ -223,6 +249,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
         "pretrain_levels": list(data.pretrain_splits),
         "n_test": len(data.test),
         "strategy_settings": {name: config.strategy_settings.get(name, {}) for name in config.strategy_settings},
+        "selection": selection,
         "pretraining": {name: summary for name, (_, summary) in zip(names, per_strategy)},
         "records": summarise(records),
         "comparisons": [c for metric in metrics for c in pairwise_comparisons(records, metric)],

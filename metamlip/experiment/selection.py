@@ -148,12 +148,3 @@ def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
     (out_dir / "selected.yaml").write_text(yaml.safe_dump({"strategy_settings": chosen}, sort_keys=False), encoding="utf-8")
     return results
 
-
-def format_selection(results: dict) -> str:
-    """One line per grid point: strategy, settings, proxy score (meV), the chosen ones marked."""
-    lines = [f"proxies: {', '.join(results['proxy_levels'])}"]
-    for item in results["scores"]:
-        mark = "*" if results["chosen"][item["strategy"]] == item["settings"] else " "
-        score = "diverged" if item["score_energy_mae_ev"] is None else f"{item['score_energy_mae_ev'] * 1e3:.2f} meV"
-        lines.append(f"{mark} {item['strategy']:<20} {score:>12}  {json.dumps(item['settings'])}")
-    return "\n".join(lines)
