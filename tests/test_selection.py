@@ -141,6 +141,46 @@ def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
     assert config.strategy_settings["reptile"]["pretrain.reptile.inner_steps"] == 3  # the choice of the shipped selection
 
 
+def spawned_workers(parent_pid: int, count: int = 2, timeout_s: float = 120.0) -> list[int]:
+    """Process ids of the multiprocessing spawn workers of `parent_pid`, once `count` of them run."""
+    import time
+
+    deadline = time.time() + timeout_s
+    workers: list[int] = []
+    while time.time() < deadline and len(workers) < count:
+        time.sleep(0.5)
+        workers = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent_pid:
+                    if "spawn_main" in (entry / "cmdline").read_text(errors="ignore"):
+                        workers.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    assert len(workers) >= count, "the experiment never started its worker processes"
+    return workers
+
+
+def still_running(workers: list[int], timeout_s: float = 15.0) -> list[int]:
+    """The workers still alive after up to `timeout_s` (killed before returning, so no test leaves orphans)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.5)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive
+
+
+def long_two_worker_experiment(tmp_path: Path, data_dir: Path, name: str) -> Path:
+    return write_config(tmp_path, data_dir, name, workers=2, strategies=["joint", "multihead"],
+                        pretrain={"gradient_steps": 100000, "steps_per_epoch": 50, "training": {"batch_size": 4, "progress": False}})
+
+
 def test_experiment_workers_end_when_the_parent_is_killed(tmp_path, data_dir):
     import os
     import signal
@@ -148,37 +188,42 @@ def test_experiment_workers_end_when_the_parent_is_killed(tmp_path, data_dir):
     import sys
     import time
 
-    path = write_config(tmp_path, data_dir, "orphans", workers=2, strategies=["joint", "multihead"],
-                        pretrain={"gradient_steps": 100000, "steps_per_epoch": 50, "training": {"batch_size": 4, "progress": False}})
+    path = long_two_worker_experiment(tmp_path, data_dir, "orphans")
     parent = subprocess.Popen([sys.executable, "-m", "metamlip", "experiment", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def children() -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent.pid:
-                        found.append(int(entry.name))
-                except (OSError, IndexError, ValueError):
-                    pass
-        return found
-
-    deadline = time.time() + 120
-    workers: list[int] = []
-    while time.time() < deadline and len(workers) < 2:
-        time.sleep(0.5)
-        workers = [pid for pid in children() if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")]
-    assert len(workers) >= 2, "the experiment never started its worker processes"
+    workers = spawned_workers(parent.pid)
     time.sleep(2)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    deadline = time.time() + 15
-    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
-        time.sleep(0.5)
-    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
-    assert not alive
+    assert not still_running(workers)
+
+
+def test_ctrl_c_stops_a_two_worker_experiment_and_says_what_is_kept(tmp_path, data_dir):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) used to leave the experiment hanging."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = long_two_worker_experiment(tmp_path, data_dir, "ctrl_c")
+    parent = subprocess.Popen([sys.executable, "-m", "metamlip", "experiment", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    workers = spawned_workers(parent.pid)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "ctrl_c" / "runs").glob("pretrain-*/log.jsonl")):
+        time.sleep(0.5)  # interrupt pre-training itself, after its first epoch
+    os.killpg(parent.pid, signal.SIGINT)
+    try:
+        code = parent.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+        still_running(workers, 0.0)
+        pytest.fail("the experiment did not stop within 90 s of Ctrl-C")
+    error = parent.stderr.read().decode()
+    assert code == 130, error
+    assert "SIGINT: stopped; finished pre-trainings are cached in" in error and "--resume" not in error
+    assert not still_running(workers)
 
 
 def test_experiment_takes_settings_and_scores_from_a_selection_file(tmp_path, data_dir, capsys):

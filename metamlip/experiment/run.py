@@ -8,10 +8,11 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from itertools import repeat
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from metamlip.parent_watch import end_with_parent
 from metamlip.pretrain import pretrain, pretraining_summary
 from metamlip.strategies import META_LEARNERS, SINGLE_LEVEL_PREFIX, Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from metamlip.training.signals import TrainingInterrupted
 from metamlip.training.run_training import LevelSplit, training_settings, validation_splits
 
 OVERRIDABLE_SECTIONS = ("pretrain", "finetune", "model")
@@ -263,11 +265,39 @@ def run_experiment(config: ExperimentConfig) -> dict:
 
 def run_strategies(config: ExperimentConfig, data: ExperimentData, names: list[str]) -> list[tuple[list[FinetuneRecord], dict]]:
     """`run_strategy` for every name, in `config.workers` parallel processes when more than one."""
-    if config.workers > 1:
+    return map_in_workers(run_strategy, [(config, data, name) for name in names], config.workers, config.threads, Path(config.output_dir))
+
+
+def map_in_workers(function: Callable, jobs: list[tuple], workers: int, threads: int | None, out_dir: Path) -> list:
+    """``function(*job)`` for every job, in `workers` spawn processes (in this one when 1).
+
+    On Ctrl-C (SIGINT, also when a worker's training stops for it) the pending jobs are cancelled,
+    the workers killed, and a `TrainingInterrupted` says what is kept: finished pre-trainings are
+    cached under `out_dir` and reused by the same command; fine-tuning runs start again.
+    """
+    try:
+        if workers == 1:
+            return [function(*job) for job in jobs]
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(), config.threads)) as pool:
-            return list(pool.map(run_strategy, repeat(config), repeat(data), names))
-    return [run_strategy(config, data, name) for name in names]
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(), threads))
+        try:
+            results = list(pool.map(function, *zip(*jobs)))
+        except KeyboardInterrupt:
+            processes = list((pool._processes or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.kill()
+                process.join()
+            raise
+        pool.shutdown()
+        return results
+    except KeyboardInterrupt as interrupt:
+        signal_number = getattr(interrupt, "exit_code", 128 + signal.SIGINT) - 128
+        raise TrainingInterrupted(
+            f"{signal.Signals(signal_number).name}: stopped; finished pre-trainings are cached in {out_dir} and reused "
+            "when the same command runs again (fine-tuning runs start again)",
+            signal_number,
+        ) from None
 
 
 def start_worker(parent_pid: int, threads: int | None) -> None:

@@ -15,14 +15,10 @@ import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from metamlip.config import DataSource, from_mapping
@@ -30,7 +26,7 @@ from metamlip.data.lazy_batching import LevelData
 from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
 from metamlip.experiment.config import ExperimentConfig
-from metamlip.experiment.run import check_strategies, run_strategy, split_experiment_levels, start_worker
+from metamlip.experiment.run import check_strategies, map_in_workers, run_strategy, split_experiment_levels
 from metamlip.levels import level_slug, normalise_level
 from metamlip.training.loop import TrainingDiverged
 
@@ -129,14 +125,7 @@ def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
         raise InputError(f"config key 'selection.proxy_levels': {outside} are not pre-training levels (the target is never a proxy)")
     levels = read_sources(proxy_sources(config), pretraining)
     jobs = list(config.selection.grid)
-    if config.workers > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(), config.threads)) as pool:
-            per_strategy = list(pool.map(score_strategy, *zip(*[(config, levels, job, proxies, out_dir) for job in jobs])))
-    else:
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        per_strategy = [score_strategy(config, levels, job, proxies, out_dir) for job in jobs]
+    per_strategy = map_in_workers(score_strategy, [(config, levels, job, proxies, out_dir) for job in jobs], config.workers, config.threads, out_dir)
     chosen = {}
     for scored in per_strategy:
         finite = [item for item in scored if item["score_energy_mae_ev"] is not None]
