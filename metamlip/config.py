@@ -19,6 +19,7 @@ import yaml
 
 from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
+from metamlip.model.mace_config import MaceSection
 
 
 @dataclass
@@ -55,8 +56,12 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ModelSection(HipnnConfig):
-    """HIP-NN shape (distances in Angstrom, see `HipnnConfig`), number type and initialisation seed."""
+    """The backbone (`hipnn` or `mace`), HIP-NN's shape at the top level (distances in Angstrom, see
+    `HipnnConfig`), MACE's under `mace` (see `MaceSection`), number type and initialisation seed.
+    `n_level_features`, `dtype` and `seed` apply to either backbone."""
 
+    backbone: str = "hipnn"
+    mace: MaceSection = field(default_factory=MaceSection)
     dtype: str = "float32"
     seed: int = 0
 
@@ -161,8 +166,16 @@ def _at_least_one(value: Any) -> str:
     return "" if value is None or value >= 1 else "must be at least 1"
 
 
+def _non_negative(value: Any) -> str:
+    return "" if value is None or value >= 0 else "must be >= 0"
+
+
 def _device(value: str) -> str:
     return "" if re.fullmatch(r"cpu|cuda(:\d+)?|mps", value) else "must be cpu, cuda or cuda:N"
+
+
+def _backbone(value: str) -> str:
+    return "" if value in ("hipnn", "mace") else "must be hipnn or mace"
 
 
 VALUE_RULES: dict[str, Callable[[Any], str]] = {
@@ -177,6 +190,16 @@ VALUE_RULES: dict[str, Callable[[Any], str]] = {
     "soft_min_angstrom": _positive,
     "soft_max_angstrom": _positive,
     "cutoff_angstrom": _positive,
+    "backbone": _backbone,
+    "num_channels": _positive,
+    "max_L": _non_negative,
+    "max_ell": _non_negative,
+    "correlation": _positive,
+    "num_interactions": _positive,
+    "num_bessel": _positive,
+    "num_polynomial_cutoff": _positive,
+    "radial_MLP": _positive,
+    "avg_num_neighbors": _positive,
     "max_epochs": _at_least_one,
     "max_wall_seconds": _positive,
     "gradient_steps": _at_least_one,

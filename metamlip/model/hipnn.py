@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from metamlip.model.backbone import Backbone
+
 
 @dataclass(frozen=True)
 class HipnnConfig:
@@ -94,7 +96,7 @@ class Residual(nn.Module):
         return skip + self.res_layer(middle)
 
 
-class HipnnBackbone(nn.Module):
+class HipnnBackbone(Backbone):
     """Species one-hot (optionally followed by a per-level vector of `n_level_features`, the
     level embedding) + interaction blocks; returns the features of every block."""
 
@@ -120,12 +122,14 @@ class HipnnBackbone(nn.Module):
         self,
         species_index: torch.Tensor,
         neighbour_index: torch.Tensor,
-        distance_angstrom: torch.Tensor,
+        neighbour_mask: torch.Tensor,
+        neighbour_vector_angstrom: torch.Tensor,
         level_features: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Features per block: [(n_atoms, n_species [+ n_level_features]) input, (n_atoms, n_features), ...]
-        from species (n_atoms,), padded neighbours (n_atoms, k), distances (n_atoms, k) with padding
-        beyond the cutoff, and the level embedding (n_level_features,) when the backbone has one."""
+        (arguments: `Backbone.forward`). Only distances enter; padded slots lie beyond the cutoff,
+        where every sensitivity is zero, so the mask is not needed."""
+        distance_angstrom = torch.linalg.vector_norm(neighbour_vector_angstrom, dim=-1)
         features = nn.functional.one_hot(species_index, self.n_species).to(distance_angstrom.dtype)
         if self.config.n_level_features:
             features = torch.cat([features, level_features.to(features.dtype).expand(features.shape[0], -1)], dim=1)

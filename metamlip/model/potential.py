@@ -1,4 +1,4 @@
-"""An interatomic potential: HIP-NN backbone, energy head(s) and per-level energy references.
+"""An interatomic potential: a backbone (HIP-NN or MACE), energy head(s) and per-level energy references.
 
 The network predicts the residual energy of a structure (its energy minus the
 linear per-element reference of the level); forces are minus the gradient of the
@@ -18,8 +18,8 @@ from metamlip.data.batching import Batch
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
+from metamlip.model.backbone_choice import BackboneConfig, backbone_config, backbone_name, build_backbone
 from metamlip.model.energy_head import HierarchicalEnergyHead, structure_sums
-from metamlip.model.hipnn import HipnnBackbone, HipnnConfig
 
 SHARED_HEAD = "shared"
 
@@ -58,13 +58,13 @@ class Prediction:
 
 
 class Potential(nn.Module):
-    """Backbone + named energy heads + per-level references."""
+    """Backbone (its shape `config`: a HipnnConfig or MaceConfig) + named energy heads + per-level references."""
 
-    def __init__(self, species: list[int], config: HipnnConfig, head_names: list[str] = (SHARED_HEAD,)):
+    def __init__(self, species: list[int], config: BackboneConfig, head_names: list[str] = (SHARED_HEAD,)):
         super().__init__()
         self.species = [int(z) for z in species]
         self.config = config
-        self.backbone = HipnnBackbone(len(self.species), config)
+        self.backbone = build_backbone(len(self.species), config)
         self.heads = nn.ModuleDict({name: HierarchicalEnergyHead(self.backbone.feature_sizes) for name in head_names})
         self.references: dict[str, EnergyReference] = {}
         self.level_heads: dict[str, str] = {}
@@ -143,8 +143,8 @@ class Potential(nn.Module):
         batch = batch.to(next(self.parameters()).device)
         positions = batch.positions_angstrom.detach().requires_grad_(forces)
         strain = positions.new_zeros((batch.n_structures, 3, 3), requires_grad=True) if stress else None
-        distance = self.neighbour_distances_angstrom(batch, positions, strain)
-        features = self.backbone(batch.species_index, batch.neighbour_index, distance, self.level_features(level))
+        vector = self.neighbour_vectors_angstrom(batch, positions, strain)
+        features = self.backbone(batch.species_index, batch.neighbour_index, batch.neighbour_mask, vector, self.level_features(level))
         atom_residual = self.heads[self.level_heads[level]].atom_energies(features)
         residual = structure_sums(atom_residual, batch.structure_index, batch.n_structures)
         asked = ([positions] if forces else []) + ([strain] if stress else [])
@@ -155,10 +155,11 @@ class Potential(nn.Module):
         reference = self.reference_energy_ev(batch, level)
         return Prediction(residual, reference, force, atom_residual, atom_reference, strain_derivative)
 
-    def neighbour_distances_angstrom(
+    def neighbour_vectors_angstrom(
         self, batch: Batch, positions: torch.Tensor, strain: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(n_atoms, k) distance to each neighbour; padded slots get twice the cutoff (zero sensitivity).
+        """(n_atoms, k, 3) displacement to each neighbour; padded slots get a vector of length twice
+        the cutoff (beyond the reach of every backbone).
 
         `strain` (n_structures, 3, 3), symmetrised to eps, deforms each structure homogeneously:
         every displacement r_j + shift - r_i (a row vector) becomes (r_j + shift - r_i)(I + eps),
@@ -169,12 +170,13 @@ class Potential(nn.Module):
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             vector = vector + vector @ symmetric[batch.structure_index]
         padding = torch.full_like(vector, 2.0 * self.config.cutoff_angstrom / 3.0**0.5)
-        return torch.linalg.vector_norm(torch.where(batch.neighbour_mask.unsqueeze(-1), vector, padding), dim=-1)
+        return torch.where(batch.neighbour_mask.unsqueeze(-1), vector, padding)
 
     def describe(self) -> dict:
         """Everything needed to rebuild this model, as plain Python types."""
         return {
             "species": self.species,
+            "backbone_name": backbone_name(self.config),
             "backbone": self.config.to_dict(),
             "heads": list(self.heads),
             "level_heads": dict(self.level_heads),
@@ -184,7 +186,8 @@ class Potential(nn.Module):
 
     @classmethod
     def from_description(cls, description: dict) -> Potential:
-        model = cls(description["species"], HipnnConfig(**description["backbone"]), description["heads"])
+        config = backbone_config(description.get("backbone_name", "hipnn"), description["backbone"])  # older checkpoints: HIP-NN
+        model = cls(description["species"], config, description["heads"])
         embedding_keys = description.get("level_embeddings", {})
         for level in sorted(embedding_keys, key=lambda name: int(embedding_keys[name].removeprefix("embedding"))):
             model.add_level_embedding(level)  # in key order; the weights come with the state dict
@@ -194,7 +197,7 @@ class Potential(nn.Module):
 
 
 def build_potential(
-    species: list[int], config: HipnnConfig, seed: int, dtype: torch.dtype = torch.float32, head_names: list[str] = (SHARED_HEAD,)
+    species: list[int], config: BackboneConfig, seed: int, dtype: torch.dtype = torch.float32, head_names: list[str] = (SHARED_HEAD,)
 ) -> Potential:
     """A freshly initialised potential; the same seed gives the same weights."""
     generator_state = torch.random.get_rng_state()

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from metamlip.errors import InputError
 from metamlip.evaluation.metrics import ErrorMetrics, error_metrics, predict
 from metamlip.evaluation.parity import plot_parity
 from metamlip.model.hipnn import HipnnConfig
+from metamlip.model.mace_config import MaceConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.training.loop import FitResult, MixedBatchEpochs, Task, TrainingSettings, fit
 from metamlip.training.checkpoint import save_checkpoint
@@ -122,9 +123,16 @@ def model_dtype(section: ModelSection) -> torch.dtype:
 
 
 def new_potential(section: ModelSection, elements: list[int]) -> Potential:
-    """A fresh potential shaped by the config's model section."""
-    shape = {field.name: getattr(section, field.name) for field in fields(HipnnConfig)}
-    return build_potential(elements, HipnnConfig(**shape), seed=section.seed, dtype=model_dtype(section))
+    """A fresh potential shaped by the config's model section (`model.backbone` picks HIP-NN or MACE)."""
+    return build_potential(elements, backbone_shape(section), seed=section.seed, dtype=model_dtype(section))
+
+
+def backbone_shape(section: ModelSection) -> HipnnConfig | MaceConfig:
+    """The chosen backbone's shape: the HIP-NN keys of `model`, or `model.mace`; either with
+    `model.n_level_features`."""
+    if section.backbone == "mace":
+        return MaceConfig(**asdict(section.mace), n_level_features=section.n_level_features)
+    return HipnnConfig(**{field.name: getattr(section, field.name) for field in fields(HipnnConfig)})
 
 
 def validation_splits(levels: dict[str, LevelData], fraction: float, seed: int) -> dict[str, LevelSplit]:
