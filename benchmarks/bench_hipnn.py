@@ -23,12 +23,12 @@ import argparse
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from interleaved_timing import Timing, interleaved, paired_speedups, spread, timed
 
 from metamlip.data.batching import Batch, StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
@@ -58,20 +58,6 @@ class HippynnBatch:
     n_atoms: torch.Tensor  # (n_molecules,) float32 atoms per molecule
     target_energy_ev: torch.Tensor  # (n_molecules,) float32 energy minus the linear reference
     target_forces_ev_per_angstrom: torch.Tensor  # (n_atoms, 3) float32
-
-
-@dataclass
-class Timing:
-    """Seconds per repetition of one measurement, and conformers per repetition."""
-
-    seconds: list[float]
-    conformers: int
-
-    def rates(self) -> list[float]:
-        return [self.conformers / s for s in self.seconds]
-
-    def median_rate(self) -> float:
-        return statistics.median(self.rates())
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -160,23 +146,6 @@ def hippynn_train_step(model: HippynnModel, optimizer: torch.optim.Optimizer, ba
     return float(loss.detach())
 
 
-def timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-def interleaved(runs: dict[str, Callable[[], None]], repeats: int, conformers: int) -> dict[str, Timing]:
-    """Time each run `repeats` times, alternating between them (A B A B ...; the first alternates too)."""
-    timings = {name: Timing([], conformers) for name in runs}
-    names = list(runs)
-    for repeat in range(repeats):
-        order = names if repeat % 2 == 0 else names[::-1]
-        for name in order:
-            timings[name].seconds.append(timed(runs[name]))
-    return timings
-
-
 def batch_construction_seconds(batcher: StructureBatcher, batch_size: int, repeats: int) -> list[float]:
     """Seconds per `StructureBatcher.batch` call for random batches of `batch_size`."""
     generator = np.random.default_rng(1)
@@ -185,11 +154,6 @@ def batch_construction_seconds(batcher: StructureBatcher, batch_size: int, repea
         indices = generator.choice(len(batcher), batch_size, replace=False)
         seconds.append(timed(lambda: batcher.batch(indices)))
     return seconds
-
-
-def paired_ratios(timings: dict[str, Timing]) -> list[float]:
-    """metamlip/hippynn throughput of each repetition pair (run back to back, so under similar load)."""
-    return [h / m for m, h in zip(timings["metamlip"].seconds, timings["hippynn"].seconds)]
 
 
 def summary(timing: Timing) -> str:
@@ -285,9 +249,8 @@ def main() -> None:
     print(f"{'measurement':26s} {'metamlip':>25s} {'hippynn':>25s} {'ratio m/h':>10s} {'paired ratio':>22s}")
     for name, timings in (("training (batch 32)", training), ("inference E+F (batch 64)", inference)):
         ratio = timings["metamlip"].median_rate() / timings["hippynn"].median_rate()
-        paired = paired_ratios(timings)
-        spread = f"{statistics.median(paired):.2f} [{min(paired):.2f} - {max(paired):.2f}]"
-        print(f"{name:26s} {summary(timings['metamlip']):>25s} {summary(timings['hippynn']):>25s} {ratio:10.2f} {spread:>22s}")
+        paired = spread(paired_speedups(timings, "metamlip", "hippynn"))
+        print(f"{name:26s} {summary(timings['metamlip']):>25s} {summary(timings['hippynn']):>25s} {ratio:10.2f} {paired:>22s}")
     per_batch = statistics.median(construction) * 1e3
     step_ms = 1e3 * TRAIN_BATCH / training["metamlip"].median_rate()
     print(
