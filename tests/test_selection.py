@@ -197,6 +197,15 @@ def test_experiment_workers_end_when_the_parent_is_killed(tmp_path, data_dir):
     assert not still_running(workers)
 
 
+def test_training_interrupted_survives_pickling_from_a_worker():
+    import pickle
+
+    from metamlip.training.signals import TrainingInterrupted
+
+    copy = pickle.loads(pickle.dumps(TrainingInterrupted("SIGTERM: stopped after epoch 3", 15)))
+    assert isinstance(copy, TrainingInterrupted) and str(copy) == "SIGTERM: stopped after epoch 3" and copy.exit_code == 143
+
+
 def test_ctrl_c_stops_a_two_worker_experiment_and_says_what_is_kept(tmp_path, data_dir):
     """A terminal's Ctrl-C (SIGINT to the whole process group) used to leave the experiment hanging."""
     import os

@@ -301,8 +301,13 @@ def map_in_workers(function: Callable, jobs: list[tuple], workers: int, threads:
 
 
 def start_worker(parent_pid: int, threads: int | None) -> None:
-    """Process-pool initializer: end with the parent (no orphans after a kill), log plainly, set threads."""
+    """Process-pool initializer: end with the parent (no orphans after a kill), log plainly, set threads.
+
+    Ctrl-C is ignored outside training (the parent stops the pool; a KeyboardInterrupt while a
+    worker waits for work would break it); training still finishes its epoch on it (`StopRequests`).
+    """
     end_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if threads:
         torch.set_num_threads(threads)

@@ -25,6 +25,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.exit_code = 128 + signal_number
 
+    def __reduce__(self) -> tuple:
+        """Pickled whole, so that it crosses from a pool worker to the parent intact."""
+        return type(self), (str(self), self.exit_code - 128)
+
 
 class StopRequests:
     """Context manager: while inside, SIGINT/SIGTERM set `signal_number` instead of ending the process.
