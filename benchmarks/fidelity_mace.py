@@ -54,7 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from metamlip.model.mace import importing_mace_torch
+from metamlip.model.mace_config import MaceSection
 from metamlip.units import KCAL_PER_MOL_TO_EV
 
 with importing_mace_torch():  # e3nn's constants need `slice`; keeps safe loading on (see metamlip.model.mace)
@@ -79,18 +80,10 @@ SIDES = ("mace-torch", "metamlip")
 
 @dataclass(frozen=True)
 class Recipe:
-    """Hyperparameters shared by both sides (distances in Angstrom, loss in eV units)."""
+    """Hyperparameters shared by both sides: the MACE shape (metamlip's `model.mace` keys;
+    `cutoff_angstrom` is mace-torch's r_max) and the training recipe (loss in eV units)."""
 
-    num_channels: int = 32
-    max_L: int = 1
-    max_ell: int = 3
-    correlation: int = 3
-    num_interactions: int = 2
-    num_bessel: int = 8
-    num_polynomial_cutoff: int = 5
-    r_max: float = 5.0
-    radial_MLP: tuple[int, ...] = (64, 64, 64)
-    avg_num_neighbors: float = 8.0
+    mace: MaceSection = field(default_factory=MaceSection)
     dtype: str = "float32"
     batch_size: int = 10
     learning_rate: float = 0.01
@@ -113,7 +106,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=Recipe.learning_rate)
     parser.add_argument("--energy-weight", type=float, default=Recipe.energy_weight)
     parser.add_argument("--forces-weight", type=float, default=Recipe.forces_weight)
-    parser.add_argument("--num-channels", type=int, default=Recipe.num_channels)
+    parser.add_argument("--num-channels", type=int, default=MaceSection.num_channels)
     parser.add_argument("--dtype", choices=("float32", "float64"), default=Recipe.dtype)
     parser.add_argument("--sides", default=",".join(SIDES), help="which trainings to run: mace-torch,metamlip")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
@@ -163,6 +156,7 @@ def average_neighbours(structures: list[Atoms], r_max: float) -> float:
 
 def mace_command(recipe: Recipe, seed: int, paths: dict[str, Path], run_dir: Path) -> list[str]:
     """mace-torch's training script with every shared hyperparameter explicit."""
+    shape = recipe.mace
     return [
         sys.executable, "-m", "mace.cli.run_train",
         "--name", "mace", "--work_dir", str(run_dir), "--seed", str(seed), "--device", "cpu",
@@ -170,11 +164,11 @@ def mace_command(recipe: Recipe, seed: int, paths: dict[str, Path], run_dir: Pat
         "--train_file", str(paths["train"]), "--valid_file", str(paths["valid"]), "--test_file", str(paths["test"]),
         "--energy_key", ENERGY_KEY, "--forces_key", FORCES_KEY, "--E0s", "average",
         "--model", "MACE", "--interaction_first", "RealAgnosticInteractionBlock",
-        "--num_channels", str(recipe.num_channels), "--max_L", str(recipe.max_L), "--max_ell", str(recipe.max_ell),
-        "--correlation", str(recipe.correlation), "--num_interactions", str(recipe.num_interactions),
-        "--num_radial_basis", str(recipe.num_bessel), "--num_cutoff_basis", str(recipe.num_polynomial_cutoff),
-        "--r_max", str(recipe.r_max), "--radial_MLP", str(list(recipe.radial_MLP)),
-        "--compute_avg_num_neighbors", "False", "--avg_num_neighbors", str(recipe.avg_num_neighbors),
+        "--num_channels", str(shape.num_channels), "--max_L", str(shape.max_L), "--max_ell", str(shape.max_ell),
+        "--correlation", str(shape.correlation), "--num_interactions", str(shape.num_interactions),
+        "--num_radial_basis", str(shape.num_bessel), "--num_cutoff_basis", str(shape.num_polynomial_cutoff),
+        "--r_max", str(shape.cutoff_angstrom), "--radial_MLP", str(list(shape.radial_MLP)),
+        "--compute_avg_num_neighbors", "False", "--avg_num_neighbors", str(shape.avg_num_neighbors),
         "--loss", "weighted", "--energy_weight", str(recipe.energy_weight), "--forces_weight", str(recipe.forces_weight),
         "--batch_size", str(recipe.batch_size), "--valid_batch_size", str(recipe.batch_size),
         "--optimizer", "adam", "--lr", str(recipe.learning_rate), "--weight_decay", "0", "--clip_grad", "None",
@@ -187,13 +181,7 @@ def mace_command(recipe: Recipe, seed: int, paths: dict[str, Path], run_dir: Pat
 
 def metamlip_config(recipe: Recipe, seed: int, arguments: argparse.Namespace, run_dir: Path) -> dict:
     """A `metamlip train` config with the same data, shape and recipe."""
-    mace = {
-        "num_channels": recipe.num_channels, "max_L": recipe.max_L, "max_ell": recipe.max_ell,
-        "correlation": recipe.correlation, "num_interactions": recipe.num_interactions,
-        "num_bessel": recipe.num_bessel, "num_polynomial_cutoff": recipe.num_polynomial_cutoff,
-        "cutoff_angstrom": recipe.r_max, "radial_MLP": list(recipe.radial_MLP),
-        "avg_num_neighbors": recipe.avg_num_neighbors,
-    }  # fmt: skip
+    mace = asdict(recipe.mace)
     return {
         "datasets": [{"path": str(DATA), "energy_unit": "kcal/mol", "length_unit": "angstrom", "level": LEVEL}],
         "split": {"seed": arguments.split_seed, "train": arguments.n_train, "validation": arguments.n_valid,
@@ -367,10 +355,12 @@ def main() -> None:
     indices = split_indices(len(np.load(DATA)["E"]), arguments.split_seed, arguments.n_train, arguments.n_valid,
                             arguments.n_test)  # fmt: skip
     paths = write_split(arguments.work_dir, indices)
-    recipe = Recipe(num_channels=arguments.num_channels, dtype=arguments.dtype, batch_size=arguments.batch_size,
+    cutoff_angstrom = MaceSection().cutoff_angstrom
+    shape = MaceSection(num_channels=arguments.num_channels,
+                        avg_num_neighbors=average_neighbours(md17_atoms(indices["train"]), cutoff_angstrom))
+    recipe = Recipe(mace=shape, dtype=arguments.dtype, batch_size=arguments.batch_size,
                     learning_rate=arguments.lr, energy_weight=arguments.energy_weight,
-                    forces_weight=arguments.forces_weight, epochs=arguments.epochs,
-                    avg_num_neighbors=average_neighbours(md17_atoms(indices["train"]), Recipe.r_max))  # fmt: skip
+                    forces_weight=arguments.forces_weight, epochs=arguments.epochs)  # fmt: skip
     (arguments.work_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     if not arguments.report_only:
         run_jobs(training_jobs(recipe, arguments, paths), arguments.jobs)
