@@ -275,23 +275,22 @@ def map_in_workers(function: Callable, jobs: list[tuple], workers: int, threads:
     the workers killed, and a `TrainingInterrupted` says what is kept: finished pre-trainings are
     cached under `out_dir` and reused by the same command; fine-tuning runs start again.
     """
+    pool = None
     try:
         if workers == 1:
             return [function(*job) for job in jobs]
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(), threads))
-        try:
-            results = list(pool.map(function, *zip(*jobs)))
-        except KeyboardInterrupt:
+        results = list(pool.map(function, *zip(*jobs)))
+        pool.shutdown()
+        return results
+    except KeyboardInterrupt as interrupt:
+        if pool is not None:  # `with` would wait for the running jobs; stop them instead
             processes = list((pool._processes or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 process.kill()
                 process.join()
-            raise
-        pool.shutdown()
-        return results
-    except KeyboardInterrupt as interrupt:
         signal_number = getattr(interrupt, "exit_code", 128 + signal.SIGINT) - 128
         raise TrainingInterrupted(
             f"{signal.Signals(signal_number).name}: stopped; finished pre-trainings are cached in {out_dir} and reused "
