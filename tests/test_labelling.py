@@ -202,3 +202,34 @@ def test_energy_only_method_writes_energies_without_forces(tmp_path: Path) -> No
     assert dataset.level == "ccsd(t)/sto-3g" and not dataset.has_forces
     hf_energy_ev = calculate(resolve_level("hf/sto-3g"), water.numbers, water.positions).energy_ev
     assert dataset.energies_ev[0] < hf_energy_ev  # correlation energy is negative
+
+
+def test_density_fitted_and_dispersion_corrected_levels() -> None:
+    """``df-`` runs HF/DFT with density fitting (close to, not equal to, the exact SCF); ``-d3bj`` adds
+    Grimme's D3(BJ) (pyscf-dispersion): both with forces = -gradient by finite differences."""
+    pytest.importorskip("pyscf")
+    from ase.build import molecule
+
+    water = molecule("H2O")
+    assert resolve_level("DF-HF/6-31G*").density_fitting and resolve_level("df-hf/6-31g(d)").name == "df-hf/6-31g(d)"
+    exact = calculate(resolve_level("hf/6-31g(d)"), water.numbers, water.positions)
+    fitted = calculate(resolve_level("df-hf/6-31g(d)"), water.numbers, water.positions)
+    assert 1e-7 < abs(fitted.energy_ev - exact.energy_ev) < 1e-2  # eV: another level, a small difference
+    np.testing.assert_allclose(fitted.forces_ev_per_angstrom, exact.forces_ev_per_angstrom, atol=1e-3)
+    for level, message in [("df-mp2/6-31g(d)", "HF and DFT only"), ("df-gfn2-xtb", "HF and DFT only"),
+                           ("hf-d3bj/6-31g(d)", "goes with a DFT functional")]:
+        with pytest.raises(InputError, match=message):
+            resolve_level(level)
+    pytest.importorskip("pyscf.dispersion")
+    spec = resolve_level("df-b3lyp-d3bj/sto-3g")
+    assert spec.is_dft and spec.density_fitting and spec.has_forces
+    plain = calculate(resolve_level("df-b3lyp/sto-3g"), water.numbers, water.positions)
+    corrected = calculate(spec, water.numbers, water.positions)
+    assert corrected.energy_ev < plain.energy_ev  # D3 dispersion is attractive
+    step = FINITE_DIFFERENCE_STEP_ANGSTROM
+    displaced = water.positions.copy()
+    displaced[0, 2] += step
+    plus = calculate(spec, water.numbers, displaced).energy_ev
+    displaced[0, 2] -= 2 * step
+    minus = calculate(spec, water.numbers, displaced).energy_ev
+    assert corrected.forces_ev_per_angstrom[0, 2] == pytest.approx(-(plus - minus) / (2 * step), abs=2e-3)

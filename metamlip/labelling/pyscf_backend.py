@@ -3,7 +3,8 @@
 Works in PySCF's own units: energies in Hartree, gradients in Hartree/bohr.
 Geometries are handed over in Angstrom (``unit='Angstrom'``). Closed shells run
 restricted (RHF/RKS), open shells unrestricted (UHF/UKS), as PySCF's
-``scf.HF`` / ``dft.KS`` choose from the spin.
+``scf.HF`` / ``dft.KS`` choose from the spin. ``df-`` levels density-fit the
+SCF integrals with PySCF's default auxiliary basis (``pyscf.df.make_auxbasis``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _mean_field(spec: LevelSpec, molecule):
         mean_field.xc = spec.method
     else:
         mean_field = scf.HF(molecule)
+    if spec.density_fitting:
+        mean_field = mean_field.density_fit()
     mean_field.kernel()
     if not mean_field.converged:
         raise CalculationFailed(f"SCF did not converge in {mean_field.max_cycle} cycles")
