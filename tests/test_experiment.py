@@ -108,3 +108,26 @@ def test_bad_experiment_configs_fail_before_training(tmp_path, data_dir, capsys,
     assert main(["experiment", str(path)]) == 2
     assert fragment in capsys.readouterr().err
     assert not (tmp_path / "out" / "pretrained").exists()
+
+
+def test_pretraining_cache_key_ignores_the_target_file_only(tmp_path, data_dir):
+    """A target file that grows (labelling still running) keeps the cached pre-trainings; a
+    pre-training file that changes does not."""
+    import shutil
+
+    from metamlip.experiment.run import pretrain_cache_key
+    from metamlip.strategies import get_strategy
+
+    target, pretraining = tmp_path / "target.npz", tmp_path / "pretraining.npz"
+    shutil.copy(data_dir / "md17_ethanol_dft.npz", target)
+    shutil.copy(data_dir / "qm7x_226_raw.npz", pretraining)
+    config = load_config(experiment_config(tmp_path, data_dir), ExperimentConfig)
+    config.datasets[0].path, config.datasets[2].path = str(pretraining), str(target)
+    joint = get_strategy("joint")
+    key = pretrain_cache_key(config, joint, [1, 6, 8])
+    with open(target, "ab") as handle:
+        handle.write(b"more target structures")
+    assert pretrain_cache_key(config, joint, [1, 6, 8]) == key
+    with open(pretraining, "ab") as handle:
+        handle.write(b"more pre-training structures")
+    assert pretrain_cache_key(config, joint, [1, 6, 8]) != key

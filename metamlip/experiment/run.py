@@ -143,12 +143,19 @@ def finetune_subsets(pool: LevelData, n_finetune: int, n_validation: int, seed: 
 
 
 def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: list[int]) -> str:
-    """Hash of everything that determines a pre-trained model (not the fine-tuning settings)."""
+    """Hash of everything that determines a pre-trained model (not the fine-tuning settings).
+
+    A `datasets` entry whose `level` is the target level is left out: target data that grows
+    (a labelling still running) keeps the finished pre-trainings."""
+    target_level = normalise_level(config.target_level)
+    pretraining_sources = [
+        source for source in config.datasets if source.level is None or normalise_level(source.level) != target_level
+    ]
     relevant = {
         "version": __version__,
         "strategy": strategy.name,
         "elements": elements,
-        "datasets": [asdict(source) | {"bytes": Path(source.path).stat().st_size} for source in config.datasets],
+        "datasets": [asdict(source) | {"bytes": Path(source.path).stat().st_size} for source in pretraining_sources],
         "levels": config.pretrain_levels,
         "split_seed": config.split_seed,
         "model": asdict(config.model),
