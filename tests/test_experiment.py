@@ -131,3 +131,18 @@ def test_pretraining_cache_key_ignores_the_target_file_only(tmp_path, data_dir):
     with open(pretraining, "ab") as handle:
         handle.write(b"more pre-training structures")
     assert pretrain_cache_key(config, joint, [1, 6, 8]) != key
+
+
+def test_pretrain_only_fills_the_cache_that_the_full_run_reuses(tmp_path, data_dir, capsys):
+    path = experiment_config(tmp_path, data_dir, strategies=["joint", "scratch"], n_test=1000)
+    assert main(["experiment", str(path), "--pretrain-only"]) == 0  # n_test larger than the target: not checked
+    assert "joint: 8 steps" in capsys.readouterr().out
+    config = load_config(path, ExperimentConfig)
+    cached = sorted((Path(config.output_dir) / "pretrained").glob("*.pt"))
+    assert [p.name.split("-")[0] for p in cached] == ["joint", "scratch"]
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert not (Path(config.output_dir) / "results.json").exists()
+    config.n_test = 20
+    results = run_experiment(config)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert results["pretraining"]["joint"]["gradient_steps"] == 8

@@ -207,12 +207,18 @@ def split_experiment_levels(config: ExperimentConfig, levels: dict[str, LevelDat
     target_level = normalise_level(config.target_level)
     scan_references = load_scan_references(config.scans)
     test, pool = hold_out_target(levels[target_level], config.n_test, config.split_seed)
-    pretraining_levels = {level: dataset for level, dataset in levels.items() if level != target_level}
-    pretrain_splits = validation_splits(pretraining_levels, config.pretrain.validation_fraction, config.split_seed)
+    pretrain_splits, elements = pretraining_data(config, levels)
     for n_finetune in config.finetune.n_finetune:
         finetune_subsets(pool, n_finetune, config.finetune.n_validation(n_finetune), 0)
-    elements = sorted({z for dataset in levels.values() for z in dataset.elements})
     return ExperimentData(target_level, test, pool, pretrain_splits, elements, scan_references)
+
+
+def pretraining_data(config: ExperimentConfig, levels: dict[str, LevelData]) -> tuple[dict[str, LevelSplit], list[int]]:
+    """The pre-training levels' train/validation splits and the elements of every level (the model's species)."""
+    target_level = normalise_level(config.target_level)
+    pretraining_levels = {level: dataset for level, dataset in levels.items() if level != target_level}
+    pretrain_splits = validation_splits(pretraining_levels, config.pretrain.validation_fraction, config.split_seed)
+    return pretrain_splits, sorted({z for dataset in levels.values() for z in dataset.elements})
 
 
 def run_strategy(config: ExperimentConfig, data: ExperimentData, name: str) -> tuple[list[FinetuneRecord], dict]:
@@ -238,6 +244,29 @@ def run_strategy(config: ExperimentConfig, data: ExperimentData, name: str) -> t
             records.append(FinetuneRecord(name, n_finetune, seed, metrics, scans, fit_result.epochs_run, fit_result.wall_seconds))
             log.info("%s N=%d seed=%d: test energy MAE %.4f eV", name, n_finetune, seed, metrics.energy_mae_ev)
     return records, summary
+
+
+def pretrain_strategy(config: ExperimentConfig, splits: dict[str, LevelSplit], elements: list[int], name: str) -> dict:
+    """Pre-train one strategy into the cache under OUTPUT_DIR/pretrained/ (or find it there); its summary."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    config = config_for_strategy(config, name)
+    _, summary = pretrained_model(config, get_strategy(name), splits, elements, Path(config.output_dir))
+    return summary
+
+
+def run_pretraining_only(config: ExperimentConfig) -> dict[str, dict]:
+    """`metamlip experiment --pretrain-only`: pre-train every strategy into the cache that a later full
+    run reuses, and nothing else; strategy name -> pre-training summary.
+
+    The target level is read for its elements only (no test split, no size checks), so this can run
+    while the target is still being labelled."""
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    config, _ = read_selection(config)
+    splits, elements = pretraining_data(config, read_experiment_levels(config))
+    names = strategy_names(config)
+    jobs = [(config, splits, elements, name) for name in names]
+    return dict(zip(names, map_in_workers(pretrain_strategy, jobs, config.workers, config.threads, Path(config.output_dir))))
 
 
 def run_experiment(config: ExperimentConfig) -> dict:
