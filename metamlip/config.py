@@ -20,6 +20,8 @@ import yaml
 from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.mace_config import MaceSection
+from metamlip.model.new_species import NEW_ELEMENT_MODES
+from metamlip.pretrained import checkpoint_or_shipped
 
 
 @dataclass
@@ -178,6 +180,10 @@ def _backbone(value: str) -> str:
     return "" if value in ("hipnn", "mace") else "must be hipnn or mace"
 
 
+def _new_elements(value: str) -> str:
+    return "" if value in NEW_ELEMENT_MODES else f"must be one of {list(NEW_ELEMENT_MODES)}"
+
+
 VALUE_RULES: dict[str, Callable[[Any], str]] = {
     # a key of this name in any section: empty string if the value is fine, else what is wrong
     "batch_size": _positive,
@@ -207,6 +213,7 @@ VALUE_RULES: dict[str, Callable[[Any], str]] = {
     "wall_seconds": _positive,
     "n_finetune": _at_least_one,
     "device": _device,
+    "new_elements": _new_elements,
 }
 
 
@@ -253,17 +260,20 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
 
 def resolve_paths(config: Any, base_dir: Path, prefix: str = "") -> None:
     """Make file paths (`path` of data and scan sources, `checkpoint`, `selection_file`) absolute,
-    relative to the config file's folder, and check that they exist."""
+    relative to the config file's folder, and check that they exist; a `checkpoint` that is no
+    file may name a shipped pre-trained model (`metamlip.pretrained`), whose file it becomes."""
     for name in (f.name for f in dataclasses.fields(config)):
         value = getattr(config, name)
         if name in ("path", "checkpoint", "selection_file") and isinstance(value, str):
             if not value:
                 raise InputError(f"config key {prefix + name!r} is missing")
             path = Path(value).expanduser()
-            resolved = str(path if path.is_absolute() else (base_dir / path).resolve())
-            if not Path(resolved).exists():
+            resolved = path if path.is_absolute() else (base_dir / path).resolve()
+            if name == "checkpoint":
+                resolved = checkpoint_or_shipped(value, resolved, prefix + name)
+            elif not resolved.exists():
                 raise InputError(f"config key {prefix + name!r}: {resolved}: no such file")
-            setattr(config, name, resolved)
+            setattr(config, name, str(resolved))
             continue
         items = value if isinstance(value, list) else [value]
         for index, item in enumerate(items):

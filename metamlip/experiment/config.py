@@ -78,7 +78,9 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """`metamlip finetune`: a pre-trained checkpoint refitted to one target level."""
+    """`metamlip finetune`: a pre-trained checkpoint (a file, or the name of a shipped model:
+    `metamlip.pretrained`) refitted to one target level. `new_elements`: error (default) or add,
+    what an element of the target data that the model does not know does (`FinetuneOptions`)."""
 
     checkpoint: str = ""
     dataset: DataSource = field(default_factory=DataSource)
@@ -88,6 +90,7 @@ class FinetuneConfig:
     split_seed: int = 0
     freeze_backbone: bool = False
     head_source: str | None = None
+    new_elements: str = "error"
     training: TrainingSection = field(default_factory=TrainingSection)
     output_dir: str = "runs/finetune"
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from metamlip.model.backbone import Backbone
+from metamlip.model.new_species import SpeciesBlock
 
 
 @dataclass(frozen=True)
@@ -140,3 +141,10 @@ class HipnnBackbone(Backbone):
                 features = atom_layer(features)
             all_features.append(features)
         return all_features
+
+    def species_weights(self) -> dict[str, list[SpeciesBlock]]:
+        """The weights over the input (one-hot species, then level embedding): the first block's
+        interaction, self-interaction and skip projection, by state-dict name (`metamlip.model.new_species`)."""
+        input_axes = {"base_layer.int_weights": 2, "base_layer.selfint.weight": 1, "adjust_layer.weight": 1}
+        state = self.blocks[0][0].state_dict()
+        return {f"blocks.0.0.{name}": [SpeciesBlock(0, tuple(state[name].shape), axis)] for name, axis in input_axes.items() if name in state}

@@ -13,6 +13,7 @@ MLP instead). Needs the optional mace-torch package (`pip install -e ".[mace]"`)
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from metamlip.model.backbone import Backbone
 from metamlip.model.mace_config import MaceConfig
+from metamlip.model.new_species import SpeciesBlock
 
 WEIGHTS_ONLY_OFF_SWITCH = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -173,3 +175,28 @@ class MaceBackbone(Backbone):
             node_features = product(node_feats=node_features, sc=skip, node_attrs=attributes)
             block_features.append(node_features)
         return attributes, block_features
+
+    def species_weights(self) -> dict[str, list[SpeciesBlock]]:
+        """The weights over the node attributes (one-hot species, then level embedding), by
+        state-dict name: the node embedding and each interaction's skip tensor product (e3nn divides
+        both by sqrt of a fan-in that counts the attributes) and each product's per-element weights
+        (`metamlip.model.new_species`)."""
+        layout = {"node_embedding.linear.weight": e3nn_path_blocks(self.node_embedding.linear, axis=0)}
+        for index, interaction in enumerate(self.interactions):
+            layout[f"interactions.{index}.skip_tp.weight"] = e3nn_path_blocks(interaction.skip_tp, axis=1)
+        for name, weights in self.products.named_parameters(prefix="products"):
+            if ".symmetric_contractions." in name:  # (n_attributes, n_coupling, num_channels)
+                layout[name] = [SpeciesBlock(0, tuple(weights.shape), 0)]
+        return layout
+
+
+def e3nn_path_blocks(module: nn.Module, axis: int) -> list[SpeciesBlock]:
+    """The pieces of an e3nn Linear's or tensor product's flat weight, one per weighted path in
+    e3nn's order, each of its path's shape ((in, out) or (in1, in2, out)) and scaled by e3nn's
+    1 / sqrt(fan-in)."""
+    blocks, offset = [], 0
+    for instruction in module.instructions:
+        if getattr(instruction, "has_weight", True):  # a Linear's paths always have weights
+            blocks.append(SpeciesBlock(offset, tuple(instruction.path_shape), axis, fan_in_scaled=True))
+            offset += math.prod(instruction.path_shape)
+    return blocks
