@@ -18,7 +18,11 @@ from metamlip.errors import InputError
 from metamlip.model.potential import Potential
 
 CHECKPOINT_FORMAT = "metamlip-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # the newest format this metamlip reads
+# Format a checkpoint is written in, by backbone: 1 = HIP-NN (readable by every metamlip), 2 = MACE,
+# which a metamlip from before the backbone interface cannot build: it then says the format is
+# newer instead of failing on unknown weights.
+BACKBONE_FORMAT_VERSION: dict[str, int] = {"hipnn": 1, "mace": 2}
 UNITS = {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
 
 
@@ -42,7 +46,7 @@ def save_checkpoint(path: str | Path, model: Potential, training_state: dict | N
     """Write `model` (and optional resumable training state and metadata) to `path` atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "format_version": BACKBONE_FORMAT_VERSION[model.describe()["backbone_name"]],
         "metamlip_version": __version__,
         "units": dict(UNITS),
         "model": model.describe(),
@@ -70,7 +74,10 @@ def read_checkpoint(path: str | Path) -> dict:
     if problem:
         raise InputError(f"{path}: damaged checkpoint: {problem}")
     if payload["format_version"] > CHECKPOINT_FORMAT_VERSION:
-        raise InputError(f"{path}: checkpoint format {payload['format_version']} is newer than this metamlip")
+        raise InputError(
+            f"{path}: checkpoint format {payload['format_version']} is newer than this metamlip "
+            f"(reads up to {CHECKPOINT_FORMAT_VERSION}, metamlip {__version__}); upgrade metamlip"
+        )
     return payload
 
 
