@@ -28,7 +28,8 @@ def build_molecule(
 
 
 def _mean_field(spec: LevelSpec, molecule):
-    """Converged HF or Kohn-Sham object; raises `CalculationFailed` if the SCF did not converge."""
+    """Converged HF or Kohn-Sham object: DIIS, then PySCF's second-order (Newton) solver if DIIS did
+    not converge; raises `CalculationFailed` if neither converged."""
     from pyscf import dft, scf
 
     if spec.is_dft:
@@ -39,8 +40,14 @@ def _mean_field(spec: LevelSpec, molecule):
     if spec.density_fitting:
         mean_field = mean_field.density_fit()
     mean_field.kernel()
-    if not mean_field.converged:
-        raise CalculationFailed(f"SCF did not converge in {mean_field.max_cycle} cycles")
+    if not mean_field.converged:  # DIIS failed: second-order SCF from where it stopped
+        first_cycles = mean_field.max_cycle
+        mean_field = mean_field.newton()
+        mean_field.kernel(dm0=mean_field.make_rdm1())
+        if not mean_field.converged:
+            raise CalculationFailed(
+                f"SCF did not converge in {first_cycles} DIIS cycles nor {mean_field.max_cycle} second-order (Newton) cycles"
+            )
     return mean_field
 
 
