@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11
 BUNDLED: dict[str, str] = {
     "ethanol-multilevel": "ethanol_multilevel",
     "methyl-formate-multilevel": "methyl_formate_multilevel",
+    "organic-pretraining": "organic_pretraining",
 }
 
 
@@ -42,7 +43,7 @@ class BundledDataset:
     Attributes:
         name: dataset name, e.g. ``'ethanol-multilevel'``.
         levels: level name -> structures at that level (eV, Angstrom, eV/Angstrom).
-        target_level: the expensive level meant for fine-tuning.
+        target_level: the expensive level meant for fine-tuning (None for a pre-training set).
         scans: scan name -> level name -> `Scan` (coordinate in degree or Angstrom, energies in eV).
         source_frames: level name -> (n_structures,) index of each structure in the original
             geometry pool (MD17 frame index for ethanol, MD frame for methyl formate), the key
@@ -52,7 +53,7 @@ class BundledDataset:
 
     name: str
     levels: dict[str, LevelDataset]
-    target_level: str
+    target_level: str | None
     scans: dict[str, dict[str, Scan]]
     source_frames: dict[str, np.ndarray] = field(repr=False)
     manifest: dict = field(repr=False)

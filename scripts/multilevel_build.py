@@ -55,7 +55,7 @@ class MultilevelBuild:
         source: one line on where the geometries come from (manifest ``source``).
         selection_rule: how frames are chosen (manifest ``selection.rule``).
         seed: seed of ``numpy.random.default_rng(seed).permutation(n_pool)``.
-        target_level: the expensive level meant for fine-tuning.
+        target_level: the expensive level meant for fine-tuning (None for a pre-training set).
         levels: the levels in generation order.
         scans: scan name -> {'kind', 'indices', 'coordinates', 'unit'} (degree or Angstrom).
         scan_base: manifest keys naming the geometry the scans start from, e.g. ``{'base_md17_frame': 0}``.
@@ -66,7 +66,7 @@ class MultilevelBuild:
     source: str
     selection_rule: str
     seed: int
-    target_level: str
+    target_level: str | None
     levels: tuple[LevelPlan, ...]
     scans: dict[str, dict]
     scan_base: dict = field(default_factory=dict)
@@ -275,7 +275,7 @@ def manifest(build: MultilevelBuild, levels: dict[str, dict], scan_files: dict[s
         "units": {"energy": "eV", "forces": "eV/Angstrom", "positions": "Angstrom"},
         "selection": {"seed": build.seed, "rule": build.selection_rule},
         **build.provenance,
-        "target_level": normalise_level(build.target_level),
+        "target_level": normalise_level(build.target_level) if build.target_level else None,
         "levels": levels,
         "scans": {
             name: {**spec, **build.scan_base, "n_points": len(spec["coordinates"]), "files": scan_files[name]}
@@ -284,9 +284,14 @@ def manifest(build: MultilevelBuild, levels: dict[str, dict], scan_files: dict[s
     }
 
 
-def parse_args(description: str, bundle_dir: Path, work_dir: Path) -> argparse.Namespace:
-    """Command line shared by the build scripts; creates the work and output folders."""
+def parse_args(description: str, bundle_dir: Path, work_dir: Path, shared_dir: Path | None = None) -> argparse.Namespace:
+    """Command line shared by the build scripts; creates the work and output folders.
+
+    `shared_dir`: default of ``--shared``, the folder of source data files (the option exists only when given).
+    """
     parser = argparse.ArgumentParser(description=description)
+    if shared_dir is not None:
+        parser.add_argument("--shared", type=Path, default=shared_dir, help=f"source data files (default {shared_dir})")
     parser.add_argument("--work-dir", type=Path, default=work_dir, help="resumable labelling outputs")
     parser.add_argument("--out-dir", type=Path, default=bundle_dir, help="where the bundled files go")
     parser.add_argument("--workers", type=int, default=1, help="labelling processes (default 1)")
