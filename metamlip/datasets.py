@@ -33,6 +33,7 @@ BUNDLED: dict[str, str] = {
     "ethanol-multilevel": "ethanol_multilevel",
     "methyl-formate-multilevel": "methyl_formate_multilevel",
     "organic-pretraining": "organic_pretraining",
+    "paracetamol-target": "paracetamol_target",
 }
 
 

@@ -260,3 +260,41 @@ def test_organic_readme_states_sources_and_licenses() -> None:
     readme = files("metamlip").joinpath("bundled", "organic_pretraining", "README.md").read_text(encoding="utf-8")
     for source in ("QM7-X", "COMP6", "ANI-1x", "SPICE", "MD17", "MIT"):
         assert source in readme, source
+
+
+PARACETAMOL_NAME = "paracetamol-target"
+PARACETAMOL_TARGET = "df-b3lyp-d3bj/def2-svp"
+
+
+@pytest.fixture(scope="module")
+def paracetamol() -> BundledDataset:
+    return load_bundled(PARACETAMOL_NAME)
+
+
+def test_paracetamol_target_shares_the_md_geometries_and_has_forces(paracetamol: BundledDataset) -> None:
+    """Every target structure is a GFN2-xTB MD frame (same source_index, same positions), with forces;
+    the target level is in no level of the organic pre-training set. (Labelling continues: the
+    issue's 250 structures are checked by count once complete, see the README.)"""
+    assert paracetamol.target_level == PARACETAMOL_TARGET
+    assert len(paracetamol.levels["gfn2-xtb"]) == 300
+    organic_levels = load_bundled(ORGANIC_NAME).manifest["levels"]
+    assert PARACETAMOL_TARGET not in organic_levels
+    gfn2 = paracetamol.levels["gfn2-xtb"]
+    row_of_frame = {int(frame): row for row, frame in enumerate(paracetamol.source_frames["gfn2-xtb"])}
+    target = paracetamol.levels[PARACETAMOL_TARGET]
+    assert len(target) >= 1 and target.has_forces and np.isfinite(target.forces_ev_per_angstrom).all()
+    for row, frame in enumerate(paracetamol.source_frames[PARACETAMOL_TARGET]):
+        np.testing.assert_allclose(
+            target.positions_angstrom[target.atom_slice(row)],
+            gfn2.positions_angstrom[gfn2.atom_slice(row_of_frame[int(frame)])],
+            atol=1e-7,
+        )
+    for dataset in paracetamol.levels.values():
+        assert dataset.elements == [1, 6, 7, 8] and set(dataset.n_atoms.tolist()) == {20}
+
+
+def test_paracetamol_torsion_scan_minimum_is_planar(paracetamol: BundledDataset) -> None:
+    """GFN2-xTB: the amide plane lies in the ring plane at the minimum (C1-N3-C4-C5 near 0 degree)."""
+    torsion = paracetamol.scans["torsion_amide_aryl"]["gfn2-xtb"]
+    assert len(torsion.coordinate) == 24 and abs(torsion.coordinate[np.argmin(torsion.energies_ev)]) <= 15.0
+    assert np.ptp(torsion.energies_ev) > 0.1  # eV: a real barrier (about 6 kcal/mol at +-90 degree)

@@ -128,7 +128,10 @@ def test_a_diverging_grid_point_is_recorded_never_chosen_and_results_are_reused(
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "selection" / "scores").glob("*.json")) == stamps
 
 
-@pytest.mark.parametrize("name", ["demo_ethanol.yaml", "ethanol_study.yaml", "methyl_formate_study.yaml", "methyl_formate_ccsdt_study.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["demo_ethanol.yaml", "ethanol_study.yaml", "methyl_formate_study.yaml", "methyl_formate_ccsdt_study.yaml", "organic_paracetamol_study.yaml"],
+)
 def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
     from metamlip.experiment.run import check_strategies, read_selection
     from metamlip.experiment.selection import proxy_sources
