@@ -294,7 +294,8 @@ def test_paracetamol_target_shares_the_md_geometries_and_has_forces(paracetamol:
 
 
 def test_paracetamol_torsion_scan_minimum_is_planar(paracetamol: BundledDataset) -> None:
-    """GFN2-xTB: the amide plane lies in the ring plane at the minimum (C1-N3-C4-C5 near 0 degree)."""
-    torsion = paracetamol.scans["torsion_amide_aryl"]["gfn2-xtb"]
-    assert len(torsion.coordinate) == 24 and abs(torsion.coordinate[np.argmin(torsion.energies_ev)]) <= 15.0
-    assert np.ptp(torsion.energies_ev) > 0.1  # eV: a real barrier (about 6 kcal/mol at +-90 degree)
+    """At GFN2-xTB and the target level the amide plane lies in the ring plane at the minimum (C1-N3-C4-C5 near 0 degree)."""
+    for level in ("gfn2-xtb", PARACETAMOL_TARGET):
+        torsion = paracetamol.scans["torsion_amide_aryl"][level]
+        assert len(torsion.coordinate) == 24 and abs(torsion.coordinate[np.argmin(torsion.energies_ev)]) <= 15.0, level
+        assert np.ptp(torsion.energies_ev) > 0.2, level  # eV: a real barrier (6.0-6.4 kcal/mol at +-90 degree)
