@@ -32,7 +32,9 @@ class MetamlipCalculator(Calculator):
     than half the skin (or cell, periodicity or atoms change); pairs beyond the cutoff contribute
     exactly zero, so results equal those of a fresh list. `skin_angstrom=0` rebuilds at every move.
     Stress, (1/V) dE/d(strain) in ASE's Voigt order, is computed for cells periodic in all three
-    directions; asking it of any other structure raises PropertyNotImplementedError.
+    directions; asking it of any other structure raises PropertyNotImplementedError. `compile`
+    runs a HIP-NN model's kernels through `torch.compile` (`Potential.use_compile`; the first call
+    compiles, ~30 s).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -44,10 +46,13 @@ class MetamlipCalculator(Calculator):
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         skin_angstrom: float = DEFAULT_SKIN_ANGSTROM,
+        compile: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+        if compile:
+            self.model.use_compile()
         self.level = model.resolve_level(level)
         parameter = next(model.parameters())
         self.dtype = parameter.dtype

@@ -89,6 +89,7 @@ class TrainingSection:
     refit_reference: bool = True
     device: str = "cpu"
     tensorboard: bool = False
+    compile: bool = False
 
 
 @dataclass

@@ -20,6 +20,8 @@ from metamlip.errors import InputError
 from metamlip.levels import normalise_level
 from metamlip.model.backbone_choice import BackboneConfig, backbone_config, backbone_name, build_backbone
 from metamlip.model.energy_head import HierarchicalEnergyHead, structure_sums
+from metamlip.model.hipnn import HipnnBackbone
+from metamlip.model.hipnn_forces import energies_and_distance_gradient
 
 SHARED_HEAD = "shared"
 
@@ -70,6 +72,7 @@ class Potential(nn.Module):
         self.level_heads: dict[str, str] = {}
         self.level_embeddings = nn.ParameterDict()  # "embedding<i>" -> (n_level_features,) vector
         self.level_embedding_keys: dict[str, str] = {}  # level -> key of level_embeddings
+        self.compiled = False  # HIP-NN: run the hand-written force kernels through torch.compile (`use_compile`)
 
     @property
     def levels(self) -> list[str]:
@@ -114,6 +117,15 @@ class Potential(nn.Module):
             torch.manual_seed(len(self.heads))
             self.heads[head] = HierarchicalEnergyHead(self.backbone.feature_sizes).to(parameter.device, parameter.dtype)
 
+    def use_compile(self, compiled: bool = True) -> Potential:
+        """Run HIP-NN's hand-written energy, force and training kernels through `torch.compile` (or
+        back to eager code); compiled on first use (~30 s; inductor caches it on disk). Only the
+        HIP-NN backbone has such kernels: asking it of another is an InputError."""
+        if compiled and not isinstance(self.backbone, HipnnBackbone):
+            raise InputError(f"compile applies to the HIP-NN backbone only, not {backbone_name(self.config)}")
+        self.compiled = compiled
+        return self
+
     def resolve_level(self, level: str | None) -> str:
         """The normalised name of a known level; None picks the only level of a one-level model."""
         if level is None:
@@ -138,9 +150,13 @@ class Potential(nn.Module):
         self, batch: Batch, level: str | None = None, forces: bool = True, create_graph: bool = False, stress: bool = False
     ) -> Prediction:
         """Energies (and forces; with `stress`, dE/d(strain) of each structure) of `batch` at `level`
-        (default: the batch's own level)."""
+        (default: the batch's own level). HIP-NN's forces come from its hand-written derivatives
+        (`hipnn_forward`), other backbones' from autograd. With forces and `create_graph` False the
+        energies carry no graph."""
         level = self.resolve_level(level if level is not None else batch.level)
         batch = batch.to(next(self.parameters()).device)
+        if forces and isinstance(self.backbone, HipnnBackbone):
+            return self.hipnn_forward(batch, level, create_graph, stress)
         positions = batch.positions_angstrom.detach().requires_grad_(forces)
         strain = positions.new_zeros((batch.n_structures, 3, 3), requires_grad=True) if stress else None
         vector = self.neighbour_vectors_angstrom(batch, positions, strain)
@@ -155,6 +171,28 @@ class Potential(nn.Module):
         reference = self.reference_energy_ev(batch, level)
         return Prediction(residual, reference, force, atom_residual, atom_reference, strain_derivative)
 
+    def hipnn_forward(self, batch: Batch, level: str, create_graph: bool, stress: bool) -> Prediction:
+        """`forward` of a HIP-NN model with forces: the network gives dE/d(distance) of every
+        neighbour slot (`metamlip.model.hipnn_forces`), whose backward (training on forces) is
+        first order, so no double backward runs and inference builds no graph."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and create_graph):
+            vector = self.neighbour_vectors_angstrom(batch, batch.positions_angstrom.detach())
+            distance = torch.linalg.vector_norm(vector, dim=-1)
+            features = self.backbone.input_features(batch.species_index, self.level_features(level), distance.dtype)
+            head = self.heads[self.level_heads[level]]
+            atom_residual, distance_gradient = energies_and_distance_gradient(
+                self.backbone, head, features, batch.neighbour_index, distance, compiled=self.compiled
+            )
+            slot_gradient = (distance_gradient / distance).unsqueeze(-1) * vector  # (n_atoms, k, 3) dE/d(displacement)
+            # F_i = sum_k G_ik - sum of G over the slots whose neighbour is i (index_add_ with alpha=-1 is 10x slower)
+            minus_force = slot_gradient.sum(1).neg_().index_add_(0, batch.neighbour_index.reshape(-1), slot_gradient.view(-1, 3))
+            force = minus_force.neg_()
+            strain_derivative = displacement_virial(vector, slot_gradient, batch) if stress else None
+        residual = structure_sums(atom_residual, batch.structure_index, batch.n_structures)
+        atom_reference = self.atom_reference_energy_ev(batch, level)
+        reference = structure_sums(atom_reference, batch.structure_index, batch.n_structures)
+        return Prediction(residual, reference, force, atom_residual, atom_reference, strain_derivative)
+
     def neighbour_vectors_angstrom(
         self, batch: Batch, positions: torch.Tensor, strain: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -165,7 +203,8 @@ class Potential(nn.Module):
         every displacement r_j + shift - r_i (a row vector) becomes (r_j + shift - r_i)(I + eps),
         as positions and cell do under ASE's `atoms.set_cell(cell @ (I + eps), scale_atoms=True)`.
         """
-        vector = positions[batch.neighbour_index] - positions.unsqueeze(1) + batch.neighbour_shift_angstrom
+        neighbours = positions.index_select(0, batch.neighbour_index.reshape(-1)).view(*batch.neighbour_index.shape, 3)
+        vector = neighbours - positions.unsqueeze(1) + batch.neighbour_shift_angstrom
         if strain is not None:
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             vector = vector + vector @ symmetric[batch.structure_index]
@@ -194,6 +233,15 @@ class Potential(nn.Module):
         for level, head in description["level_heads"].items():
             model.add_level(EnergyReference.from_dict(description["references"][level]), head)
         return model
+
+
+def displacement_virial(vector: torch.Tensor, slot_gradient: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(n_structures, 3, 3) dE/d(strain) at zero strain from every displacement (n_atoms, k, 3) and
+    dE/d(displacement): the symmetric part of sum r (x) dE/dr over each structure's slots (strain
+    deforms every displacement r into r (I + eps), as `Potential.neighbour_vectors_angstrom` does)."""
+    per_atom = torch.bmm(vector.transpose(1, 2), slot_gradient)
+    per_structure = per_atom.new_zeros((batch.n_structures, 3, 3)).index_add_(0, batch.structure_index, per_atom)
+    return 0.5 * (per_structure + per_structure.transpose(1, 2))
 
 
 def build_potential(

@@ -63,6 +63,7 @@ class TrainingSettings:
     checkpoint_interval_seconds: float = 10.0
     device: str = "cpu"
     tensorboard: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -260,6 +261,8 @@ def fit(
         raise InputError(f"training.max_epochs must be at least 1, got {settings.max_epochs}")
     main = distributed.is_main_process()
     model.to(distributed.training_device(settings.device))
+    if settings.compile:
+        model.use_compile()
     distributed.copy_from_main_process(model)
     run_dir = prepare_run_dir(run_dir) if main else Path(run_dir)
     trained = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
