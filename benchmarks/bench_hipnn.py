@@ -1,7 +1,9 @@
 """Side-by-side CPU throughput of metamlip's HIP-NN and LANL hippynn's `Hipnn` + `HEnergy`.
 
 Both models have the same shape and start from the same weights (copied name for name),
-run in float32 on the same MD17 ethanol batches with the same number of threads:
+run in float32 on the same batches with the same number of threads, for each molecule asked
+(`--molecules`): MD17 ethanol (9 atoms, 72 pairs within 6.5 Angstrom) and the first molecule
+of the SPICE sample (27 atoms, ~690 pairs; its 50 conformations, drawn with repeats into batches):
 
 * training: one step = energy + forces (create_graph) + loss (per-atom energy MSE + force
   MSE) + backward + Adam step, batches of 32 conformers; metamlip runs its own
@@ -14,15 +16,18 @@ the figures measure the models; metamlip's batch construction is timed separatel
 repetitions of the two models are interleaved (A B A B ...) so that load from other jobs
 on a shared machine falls on both alike.
 
-    python benchmarks/bench_hipnn.py --threads 1 --repeats 7
+    python benchmarks/bench_hipnn.py --threads 1 --repeats 7 [--molecules ethanol,spice]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +44,13 @@ from metamlip.readers import read_level
 from metamlip.training.loop import train_steps
 from metamlip.training.loss import LossWeights
 
-ETHANOL = Path(__file__).resolve().parents[1] / "tests" / "data" / "md17_ethanol_dft.npz"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+ETHANOL = DATA / "md17_ethanol_dft.npz"
+SPICE_SAMPLE = DATA / "spice_1.1.4_sample.h5"
 TRAIN_BATCH = 32
 INFERENCE_BATCH = 64
 N_DISTINCT_BATCHES = 8
+HIPPYNN_RECOMPILE_LIMIT = 256
 
 
 @dataclass
@@ -66,6 +74,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per model and measurement")
     parser.add_argument("--features", type=int, default=64, help="HIP-NN width (n_features)")
     parser.add_argument("--steps", type=int, default=8, help="batches per timed repetition")
+    parser.add_argument("--molecules", default="ethanol,spice", help="comma-separated: ethanol, spice (first SPICE sample molecule)")
+    parser.add_argument("--compile", action="store_true", help="also time metamlip with its torch.compile option (Potential.use_compile)")
+    parser.add_argument("--float64", action="store_true", help="also time metamlip in float64 (and print the float64 / float32 time)")
     parser.add_argument(
         "--hippynn-kernels", default=None,
         help="override hippynn's custom-kernel setting (e.g. _pytorch_raw: uncompiled); default: hippynn's own ('auto')",
@@ -75,6 +86,26 @@ def parse_arguments() -> argparse.Namespace:
 
 def load_ethanol() -> LevelDataset:
     return read_level(ETHANOL, energy_unit="kcal/mol", level="pbe+vdw-ts")
+
+
+def load_spice_molecule() -> LevelDataset:
+    """The 50 conformations of the first molecule of the SPICE sample (27 atoms: C, H, N)."""
+    dataset = read_level(SPICE_SAMPLE)
+    first = np.flatnonzero(dataset.n_atoms == dataset.n_atoms[0])
+    first = first[: np.argmax(np.diff(first) != 1) + 1] if np.any(np.diff(first) != 1) else first
+    return dataset.subset(first)
+
+
+MOLECULES = {"ethanol": load_ethanol, "spice": load_spice_molecule}
+
+
+def batch_indices(n_structures: int, batch_size: int, n_batches: int, generator: np.random.Generator) -> list[np.ndarray]:
+    """Indices of `n_batches` batches: consecutive slices of one permutation when the dataset holds
+    them all, otherwise each batch drawn with repeats (timing does not care which conformers)."""
+    if n_structures >= batch_size * n_batches:
+        order = generator.permutation(n_structures)
+        return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+    return [generator.choice(n_structures, batch_size, replace=True) for _ in range(n_batches)]
 
 
 def hippynn_batch(batch: Batch, reference: EnergyReference, n_species: int) -> HippynnBatch:
@@ -172,45 +203,6 @@ def main() -> None:
             warnings.simplefilter("ignore")
             custom_kernels.set_custom_kernels(arguments.hippynn_kernels)
     hippynn.settings.WARN_LOW_DISTANCES = False  # the warning's check costs a sync; off for both as for users who set it
-    dataset = load_ethanol()
-    species = sorted(set(int(z) for z in dataset.atomic_numbers))
-    reference = EnergyReference.fit(dataset, species)
-    potential, hippynn_model = build_models(species, arguments.features, reference)
-    batcher = StructureBatcher(dataset, species, potential.config.cutoff_angstrom, dtype=torch.float32)
-
-    generator = np.random.default_rng(0)
-    order = generator.permutation(len(dataset))
-    train_batches = [batcher.batch(order[i * TRAIN_BATCH : (i + 1) * TRAIN_BATCH]) for i in range(N_DISTINCT_BATCHES)]
-    offset = N_DISTINCT_BATCHES * TRAIN_BATCH
-    inference_batches = [
-        batcher.batch(order[offset + i * INFERENCE_BATCH : offset + (i + 1) * INFERENCE_BATCH]) for i in range(N_DISTINCT_BATCHES)
-    ]
-    hippynn_train = [hippynn_batch(b, reference, len(species)) for b in train_batches]
-    hippynn_inference = [hippynn_batch(b, reference, len(species)) for b in inference_batches]
-
-    weights = LossWeights()
-    metamlip_optimizer = torch.optim.Adam(potential.parameters(), lr=1e-4)
-    hippynn_optimizer = torch.optim.Adam(hippynn_model.parameters(), lr=1e-4)
-    steps = arguments.steps
-
-    def metamlip_training() -> None:
-        train_steps(potential, metamlip_optimizer, [train_batches[i % N_DISTINCT_BATCHES] for i in range(steps)], weights)
-
-    def hippynn_training() -> None:
-        hippynn_model.train()
-        for i in range(steps):
-            hippynn_train_step(hippynn_model, hippynn_optimizer, hippynn_train[i % N_DISTINCT_BATCHES])
-
-    def metamlip_inference() -> None:
-        potential.eval()
-        for i in range(steps):
-            potential(inference_batches[i % N_DISTINCT_BATCHES], forces=True).forces_ev_per_angstrom.sum().item()
-
-    def hippynn_inference_run() -> None:
-        hippynn_model.eval()
-        for i in range(steps):
-            hippynn_model.energy_and_forces(hippynn_inference[i % N_DISTINCT_BATCHES], create_graph=False)[1].sum().item()
-
     print(f"torch {torch.__version__}, hippynn {hippynn.__version__}, threads {torch.get_num_threads()}, float32")
     chosen = "--hippynn-kernels" if arguments.hippynn_kernels is not None else "hippynn's setting"
     print(
@@ -219,44 +211,127 @@ def main() -> None:
     )
     if custom_kernels.CUSTOM_KERNELS_ACTIVE == "pytorch":
         print("  ('pytorch' = hippynn's pure-pytorch envsum/sensesum/featsum wrapped in torch.compile)")
-    print(
-        f"ethanol, {arguments.features} features, 20 sensitivities, 2 interaction layers x 3 atom layers; "
-        f"{train_batches[0].neighbour_mask.sum().item() // TRAIN_BATCH} pairs per conformer"
-    )
+    print(f"load average at the start: {load_average()}")
+    for name in arguments.molecules.split(","):
+        compare_on(name.strip(), arguments)
+    print(f"\nload average at the end: {load_average()}")
 
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
+    """Interleaved training and inference timings of hippynn and metamlip (and its compiled and
+    float64 variants when asked) on one molecule's batches."""
+    # hippynn's compiled kernels start afresh for each molecule, and may recompile for every batch shape
+    # (pair counts vary between SPICE batches; training and inference differ in requires_grad): with
+    # torch's default limit of 8 recompiles they would fall back to eager code, which is not what
+    # hippynn intends, so the limit is raised and every shape is compiled during the warm-up.
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = HIPPYNN_RECOMPILE_LIMIT
+    dataset = MOLECULES[molecule]()
+    species = sorted(set(int(z) for z in dataset.atomic_numbers))
+    reference = EnergyReference.fit(dataset, species)
+    potential, hippynn_model = build_models(species, arguments.features, reference)
+    variants = {"metamlip": potential}
+    if arguments.compile:
+        variants["metamlip compile"] = copy.deepcopy(potential).use_compile()
+    if arguments.float64:
+        variants["metamlip float64"] = copy.deepcopy(potential).double()
+
+    generator = np.random.default_rng(0)
+    train_indices = batch_indices(len(dataset), TRAIN_BATCH, N_DISTINCT_BATCHES, generator)
+    inference_indices = batch_indices(len(dataset), INFERENCE_BATCH, N_DISTINCT_BATCHES, generator)
+    batchers = {dtype: StructureBatcher(dataset, species, potential.config.cutoff_angstrom, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+    train_batches = {dtype: [batcher.batch(i) for i in train_indices] for dtype, batcher in batchers.items()}
+    inference_batches = {dtype: [batcher.batch(i) for i in inference_indices] for dtype, batcher in batchers.items()}
+    hippynn_train = [hippynn_batch(b, reference, len(species)) for b in train_batches[torch.float32]]
+    hippynn_inference = [hippynn_batch(b, reference, len(species)) for b in inference_batches[torch.float32]]
+    steps = arguments.steps
+
+    training_runs, inference_runs = {}, {}
+    for name, model in variants.items():
+        dtype = next(model.parameters()).dtype
+        training_runs[name] = metamlip_training_run(model, train_batches[dtype], steps)
+        inference_runs[name] = metamlip_inference_run(model, inference_batches[dtype], steps)
+    training_runs["hippynn"] = hippynn_training_run(hippynn_model, hippynn_train, steps)
+    inference_runs["hippynn"] = hippynn_inference_run(hippynn_model, hippynn_inference, steps)
+
+    pairs = train_batches[torch.float32][0].neighbour_mask.sum().item() / TRAIN_BATCH
+    print(
+        f"\n## {molecule}: {int(dataset.n_atoms[0])} atoms, {pairs:.0f} pairs per conformer; {arguments.features} features, "
+        "20 sensitivities, 2 interaction layers x 3 atom layers"
+    )
     warm_start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for run in (metamlip_training, hippynn_training, metamlip_inference, hippynn_inference_run):
+        for run in (*training_runs.values(), *inference_runs.values()):
             run()
             run()
-    print(f"warm-up, 2 rounds each (includes any torch.compile of hippynn's kernels): {time.perf_counter() - warm_start:.1f} s")
+    print(f"warm-up, 2 rounds each (includes any torch.compile, hippynn's kernels or metamlip's): {time.perf_counter() - warm_start:.1f} s")
 
-    training = interleaved(
-        {"metamlip": metamlip_training, "hippynn": hippynn_training}, arguments.repeats, steps * TRAIN_BATCH
-    )
-    inference = interleaved(
-        {"metamlip": metamlip_inference, "hippynn": hippynn_inference_run}, arguments.repeats, steps * INFERENCE_BATCH
-    )
-    construction = batch_construction_seconds(batcher, TRAIN_BATCH, 50)
-
+    training = interleaved(training_runs, arguments.repeats, steps * TRAIN_BATCH)
+    inference = interleaved(inference_runs, arguments.repeats, steps * INFERENCE_BATCH)
     print(
-        f"\n{arguments.repeats} repetitions of {steps} batches, models interleaved (A B, then B A, ...) "
-        "so that load from other jobs hits both alike."
+        f"{arguments.repeats} repetitions of {steps} batches, runs interleaved (A B C, then C B A, ...) "
+        f"so that load from other jobs hits all alike; load average now {load_average()}."
     )
-    print("conformers/s: median [min - max]")
-    print("ratio m/h: metamlip/hippynn of the medians; paired: median [min - max] over back-to-back repetition pairs")
-    print(f"{'measurement':26s} {'metamlip':>25s} {'hippynn':>25s} {'ratio m/h':>10s} {'paired ratio':>22s}")
-    for name, timings in (("training (batch 32)", training), ("inference E+F (batch 64)", inference)):
-        ratio = timings["metamlip"].median_rate() / timings["hippynn"].median_rate()
-        paired = spread(paired_speedups(timings, "metamlip", "hippynn"))
-        print(f"{name:26s} {summary(timings['metamlip']):>25s} {summary(timings['hippynn']):>25s} {ratio:10.2f} {paired:>22s}")
+    print("conformers/s: median [min - max]; speed-up over hippynn: ratio of the medians, and per back-to-back pair median [min - max]")
+    print(f"{'measurement':26s} {'run':18s} {'conformers/s':>25s} {'ratio':>6s} {'paired speed-up':>22s}")
+    for measurement, timings in (("training (batch 32)", training), ("inference E+F (batch 64)", inference)):
+        for name in variants:
+            ratio = timings[name].median_rate() / timings["hippynn"].median_rate()
+            paired = spread(paired_speedups(timings, name, "hippynn"))
+            print(f"{measurement:26s} {name:18s} {summary(timings[name]):>25s} {ratio:6.2f} {paired:>22s}")
+        print(f"{measurement:26s} {'hippynn':18s} {summary(timings['hippynn']):>25s}")
+        if arguments.float64:
+            slowdown = spread(paired_speedups(timings, "metamlip", "metamlip float64"))
+            print(f"{measurement:26s} float64 time / float32 time per pair: {slowdown}")
+    construction = batch_construction_seconds(batchers[torch.float32], TRAIN_BATCH, 50)
     per_batch = statistics.median(construction) * 1e3
     step_ms = 1e3 * TRAIN_BATCH / training["metamlip"].median_rate()
     print(
-        f"\nmetamlip batch construction (StructureBatcher.batch, {TRAIN_BATCH} conformers): median {per_batch:.2f} ms "
+        f"metamlip batch construction (StructureBatcher.batch, {TRAIN_BATCH} conformers): median {per_batch:.2f} ms "
         f"[{min(construction) * 1e3:.2f} - {max(construction) * 1e3:.2f}], {100 * per_batch / step_ms:.0f}% of a training step"
     )
+
+
+def metamlip_training_run(model: Potential, batches: list[Batch], steps: int) -> Callable[[], None]:
+    """`steps` optimiser steps of metamlip's own `train_steps` (plain Adam, as hippynn's)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    weights = LossWeights()
+    return lambda: train_steps(model, optimizer, [batches[i % len(batches)] for i in range(steps)], weights)
+
+
+def metamlip_inference_run(model: Potential, batches: list[Batch], steps: int) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        for i in range(steps):
+            model(batches[i % len(batches)], forces=True).forces_ev_per_angstrom.sum().item()
+
+    return run
+
+
+def hippynn_training_run(model: HippynnModel, batches: list[HippynnBatch], steps: int) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def run() -> None:
+        model.train()
+        for i in range(steps):
+            hippynn_train_step(model, optimizer, batches[i % len(batches)])
+
+    return run
+
+
+def hippynn_inference_run(model: HippynnModel, batches: list[HippynnBatch], steps: int) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        for i in range(steps):
+            model.energy_and_forces(batches[i % len(batches)], create_graph=False)[1].sum().item()
+
+    return run
 
 
 if __name__ == "__main__":
