@@ -146,3 +146,37 @@ def test_pretrain_only_fills_the_cache_that_the_full_run_reuses(tmp_path, data_d
     results = run_experiment(config)
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert results["pretraining"]["joint"]["gradient_steps"] == 8
+
+
+def test_stopped_pretraining_resumes_to_the_uninterrupted_result(tmp_path, data_dir, monkeypatch):
+    """A pre-training stopped after its first epoch (SIGTERM) continues from its checkpoint when the
+    same experiment runs again, and caches the same weights as a run that was never stopped."""
+    import signal
+
+    import torch
+
+    from metamlip.training import loop
+    from metamlip.training.checkpoint import read_checkpoint
+    from metamlip.training.signals import TrainingInterrupted
+
+    def cached_weights(config: ExperimentConfig) -> dict:
+        (path,) = (Path(config.output_dir) / "pretrained").glob("joint-*.pt")
+        return read_checkpoint(path)["state_dict"]
+
+    whole = load_config(experiment_config(tmp_path, data_dir, name="whole", strategies=["joint"]), ExperimentConfig)
+    run_experiment(whole)
+    stopped = load_config(experiment_config(tmp_path, data_dir, name="stopped", strategies=["joint"]), ExperimentConfig)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_pending_signal", lambda stop_requests: signal.SIGTERM)
+        with pytest.raises(TrainingInterrupted, match="SIGTERM: stopped; .* resume from their last checkpoint"):
+            run_experiment(stopped)
+    assert not list((Path(stopped.output_dir) / "pretrained").glob("joint-*.pt"))
+    (run_dir,) = (Path(stopped.output_dir) / "runs").glob("pretrain-joint-*")
+    assert (run_dir / "checkpoint.pt").exists()
+    results = run_experiment(stopped)
+    log_epochs = [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert log_epochs == [1, 2]
+    assert results["pretraining"]["joint"]["epochs"] == 2
+    expected = cached_weights(whole)
+    for key, value in cached_weights(stopped).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)

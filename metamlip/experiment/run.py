@@ -35,6 +35,7 @@ from metamlip.parent_watch import end_with_parent
 from metamlip.pretrain import pretrain, pretraining_summary
 from metamlip.strategies import META_LEARNERS, SINGLE_LEVEL_PREFIX, Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from metamlip.training.loop import CHECKPOINT_NAME
 from metamlip.training.signals import TrainingInterrupted
 from metamlip.training.run_training import LevelSplit, training_settings, validation_splits
 
@@ -168,16 +169,21 @@ def pretrained_model(
     config: ExperimentConfig, strategy: Strategy, splits: dict[str, LevelSplit], elements: list[int], out_dir: Path
 ) -> tuple[Potential, dict]:
     """The strategy's pre-trained model and its `pretraining_summary`, from the cache when the same
-    config trained it before."""
-    slug = level_slug(strategy.name)
-    path = out_dir / "pretrained" / f"{slug}-{pretrain_cache_key(config, strategy, elements)}.pt"
+    config trained it before. A pre-training that was stopped (signal, killed process) resumes from
+    its last checkpoint, kept in a run folder named by the same cache key."""
+    name = f"{level_slug(strategy.name)}-{pretrain_cache_key(config, strategy, elements)}"
+    path = out_dir / "pretrained" / f"{name}.pt"
     if path.exists():
         log.info("%s: reusing pre-trained model %s", strategy.name, path)
         payload = read_checkpoint(path)
         return model_from_checkpoint(payload).train(), json.loads(payload["extra"]["pretraining"])
     settings = training_settings(config.pretrain.training)
     budget = config.pretrain.budget()
-    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, out_dir / "runs" / f"pretrain-{slug}")
+    run_dir = out_dir / "runs" / f"pretrain-{name}"
+    resume = (run_dir / CHECKPOINT_NAME).exists()
+    if resume:
+        log.info("%s: resuming the stopped pre-training in %s", strategy.name, run_dir)
+    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume=resume)
     summary = pretraining_summary(strategy, model, splits, result, budget)
     save_checkpoint(path, model, extra={"strategy": strategy.name, "pretraining": json.dumps(summary)})
     log.info("%s: pre-trained in %.0f s (%s)", strategy.name, summary["wall_seconds"], summary["stop_reason"])
@@ -309,7 +315,8 @@ def map_in_workers(function: Callable, jobs: list[tuple], workers: int, threads:
 
     On Ctrl-C (SIGINT, also when a worker's training stops for it) the pending jobs are cancelled,
     the workers killed, and a `TrainingInterrupted` says what is kept: finished pre-trainings are
-    cached under `out_dir` and reused by the same command; fine-tuning runs start again.
+    cached under `out_dir` and reused by the same command, stopped ones resume from their last
+    checkpoint (written atomically); fine-tuning runs start again.
     """
     pool = None
     try:
@@ -329,8 +336,8 @@ def map_in_workers(function: Callable, jobs: list[tuple], workers: int, threads:
                 process.join()
         signal_number = getattr(interrupt, "exit_code", 128 + signal.SIGINT) - 128
         raise TrainingInterrupted(
-            f"{signal.Signals(signal_number).name}: stopped; finished pre-trainings are cached in {out_dir} and reused "
-            "when the same command runs again (fine-tuning runs start again)",
+            f"{signal.Signals(signal_number).name}: stopped; finished pre-trainings are cached in {out_dir} and reused, "
+            "stopped ones resume from their last checkpoint when the same command runs again (fine-tuning runs start again)",
             signal_number,
         ) from None
 
