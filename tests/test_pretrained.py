@@ -33,7 +33,8 @@ from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.mace_config import MaceConfig, MaceSection
 from metamlip.model.new_species import add_species
 from metamlip.model.potential import Potential, build_potential
-from metamlip.pretrain import pretrain
+from metamlip.pretrain import pretrain, pretraining_summary
+from metamlip.pretrained.ship import ship
 from metamlip.readers import read_level
 from metamlip.strategies import PretrainBudget, get_strategy
 from metamlip.testing import predict_structures
@@ -58,32 +59,52 @@ mace_warnings = pytest.mark.filterwarnings(  # e3nn compiles its modules with To
 )
 
 
-def ship(model: Potential, folder: Path, name: str, strategy: str) -> None:
-    """Put `model` into registry folder `folder` as NAME.pt + NAME.json, as a release would."""
-    save_checkpoint(folder / f"{name}.pt", model, extra={"strategy": strategy})
-    card = {
-        "description": "tiny test model",
-        "strategy": strategy,
-        "levels": model.levels,
-        "elements": [chemical_symbols[z] for z in model.species],
-        "training_data": "metamlip/bundled/ethanol_multilevel: 24 structures per level",
-        "budget": {"gradient_steps": BUDGET.gradient_steps},
-        "validation_errors": {level: {"energy_mae_ev": None} for level in model.levels},
-        "intended_use": "tests",
-        "limits": "none worth the name",
-    }
-    (folder / f"{name}.json").write_text(json.dumps(card), encoding="utf-8")
+PROSE = {
+    "description": "tiny test model",
+    "training_data": "metamlip/bundled/ethanol_multilevel: 24 structures per level",
+    "intended_use": "tests",
+    "limits": ["none worth the name"],
+    "budget_notes": {"hardware": "one CPU thread"},
+}
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Path:
-    """A registry folder with NAME: joint HIP-NN pre-trained on two bundled ethanol levels, species H, C, N, O."""
+    """A registry folder with NAME: joint HIP-NN pre-trained on two bundled ethanol levels, species
+    H, C, N, O, shipped by `metamlip.pretrained.ship` from its checkpoint as a release would."""
     folder = tmp_path_factory.mktemp("registry")
     levels = [read_level(BUNDLED / name) for name in ("gfn2-xtb.xyz", "hf_3-21g.xyz")]
     splits = {level.level: LevelSplit(level.subset(range(24)), level.subset(range(24, 32)), level.subset(range(0))) for level in levels}
-    model, _ = pretrain(get_strategy("joint"), splits, HCNO, SMALL_MODEL, SETTINGS, BUDGET, folder.parent / "pretrain")
-    ship(model, folder, NAME, "joint")
+    strategy = get_strategy("joint")
+    model, result = pretrain(strategy, splits, HCNO, SMALL_MODEL, SETTINGS, BUDGET, folder.parent / "pretrain")
+    summary = pretraining_summary(strategy, model, splits, result, BUDGET)
+    checkpoint = folder.parent / "pretrained.pt"
+    save_checkpoint(checkpoint, model, extra={"strategy": "joint", "pretraining": json.dumps(summary)})
+    ship(checkpoint, NAME, folder, **PROSE)
     return folder
+
+
+def test_ship_writes_the_checkpoint_and_a_card_read_from_it(registry, tmp_path):
+    card = pretrained.model_card(NAME, registry)
+    summary = json.loads(read_checkpoint(registry.parent / "pretrained.pt")["extra"]["pretraining"])
+    assert card["name"] == NAME and card["strategy"] == "joint" and card["source_checkpoint"] == "pretrained.pt"
+    budget_keys = ("gradient_steps", "epochs", "best_epoch", "wall_seconds", "stop_reason")
+    assert card["budget"] == {key: summary[key] for key in budget_keys} | {"hardware": "one CPU thread"}
+    assert card["budget"]["gradient_steps"] == BUDGET.gradient_steps
+    assert sorted(card["validation_errors"]) == ["gfn2-xtb", "hf/3-21g"]
+    for level, errors in card["validation_errors"].items():
+        assert errors["energy_mae_mev"] == round(1000 * summary["validation"][level]["energy_mae_ev"], 2) > 0
+    assert card["architecture"]["backbone"] == "hipnn" and card["architecture"]["n_features"] == SMALL_MODEL.n_features
+    shipped = tmp_path / "shipped"
+    with pytest.raises(InputError, match="model name 'a/b'"):
+        ship(registry.parent / "pretrained.pt", "a/b", shipped, **PROSE)
+    with pytest.raises(InputError, match=r"give \['intended_use'\]"):
+        ship(registry.parent / "pretrained.pt", "other", shipped, **{k: v for k, v in PROSE.items() if k != "intended_use"})
+    bare = tmp_path / "bare.pt"  # a checkpoint written without a pre-training summary
+    save_checkpoint(bare, load_potential(registry / f"{NAME}.pt"))
+    with pytest.raises(InputError, match="no pre-training summary"):
+        ship(bare, "other", shipped, **PROSE)
+    assert not shipped.exists() or pretrained.list_pretrained(shipped) == []
 
 
 @pytest.fixture(scope="module")
