@@ -20,6 +20,7 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -133,14 +134,28 @@ def label_timed(
     structures: list[Atoms], level: str, out_path: Path, args: argparse.Namespace, timings: Timings
 ) -> list[Atoms]:
     """Label into `out_path` (resumable; only read with ``args.write_only``), record wall and CPU
-    seconds, return the frames there sorted by source_index."""
+    seconds (this process and its worker processes; also when stopped part way), return the
+    frames there sorted by source_index."""
     if not args.write_only:
-        wall, cpu = time.perf_counter(), time.process_time()
-        report = label_structures(structures, level, out_path, workers=args.workers)
-        timings.add(out_path.name, report.n_labelled, time.perf_counter() - wall, time.process_time() - cpu)
-        print(report.summary(), flush=True)
+        before, wall, cpu = frames_in(out_path), time.perf_counter(), cpu_seconds()
+        try:
+            print(label_structures(structures, level, out_path, workers=args.workers).summary(), flush=True)
+        finally:
+            timings.add(out_path.name, frames_in(out_path) - before, time.perf_counter() - wall, cpu_seconds() - cpu)
+            timings.save()
     frames = ase.io.read(out_path, ":") if out_path.exists() else []
     return sorted(frames, key=lambda frame: int(frame.info["source_index"]))
+
+
+def frames_in(path: Path) -> int:
+    """Frames in an extended-XYZ file (0 when there is none)."""
+    return len(ase.io.read(path, ":")) if path.exists() else 0
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the labelling workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def seed_work_file(
@@ -349,8 +364,6 @@ def run_build(
             levels[name] = entry
         for scan_name, scan_file in files_of_level.items():
             scan_files[scan_name][name] = scan_file
-        if not args.write_only:
-            timings.save()
     if only is None and not args.scans_only:
         (args.out_dir / "manifest.json").write_text(compact_json(manifest(build, levels, scan_files)) + "\n")
     print(json.dumps(timings.entries, indent=1))
