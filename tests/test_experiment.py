@@ -180,3 +180,26 @@ def test_stopped_pretraining_resumes_to_the_uninterrupted_result(tmp_path, data_
     expected = cached_weights(whole)
     for key, value in cached_weights(stopped).items():
         torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_pretraining_cache_key_follows_file_contents_not_folders(tmp_path, data_dir):
+    """The same data in another folder keeps the key (a study copied elsewhere reuses its cache);
+    a changed byte of a pre-training file changes it."""
+    import shutil
+
+    from metamlip.experiment.run import pretrain_cache_key
+    from metamlip.strategies import get_strategy
+
+    config = load_config(experiment_config(tmp_path, data_dir), ExperimentConfig)
+    joint = get_strategy("joint")
+    key = pretrain_cache_key(config, joint, [1, 6, 8])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    copy = moved / "qm7x_226_raw.npz"
+    shutil.copy(data_dir / "qm7x_226_raw.npz", copy)
+    config.datasets[0].path = str(copy)
+    assert pretrain_cache_key(config, joint, [1, 6, 8]) == key
+    content = bytearray(copy.read_bytes())
+    content[-1] ^= 1
+    copy.write_bytes(bytes(content))
+    assert pretrain_cache_key(config, joint, [1, 6, 8]) != key

@@ -3,6 +3,7 @@ structures for every N and seed, and test on a held-out target set no training e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -156,13 +157,31 @@ def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: l
         "version": __version__,
         "strategy": strategy.name,
         "elements": elements,
-        "datasets": [asdict(source) | {"bytes": Path(source.path).stat().st_size} for source in pretraining_sources],
+        "datasets": [data_identity(asdict(source)) for source in pretraining_sources],
         "levels": config.pretrain_levels,
         "split_seed": config.split_seed,
         "model": asdict(config.model),
         "pretrain": asdict(config.pretrain),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_identity(source: dict) -> dict:
+    """A `datasets` entry as the cache key sees it: its settings, its file's name and the SHA-256 of
+    its contents, not the folder, so a copied or moved study finds its cache."""
+    path = Path(source.pop("path"))
+    stat = path.stat()
+    return source | {"file": path.name, "sha256": file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes, computed once per process for the same path, size and time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def pretrained_model(
