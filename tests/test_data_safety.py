@@ -212,6 +212,31 @@ def test_label_workers_end_when_the_parent_is_killed(data_dir, tmp_path):
     assert ended, f"workers {workers} outlived their parent"
 
 
+def test_ctrl_c_to_label_writes_the_structures_in_flight(data_dir, tmp_path):
+    """SIGINT to `metamlip label` with 2 workers: exit 130, and the structures being computed are
+    written before it exits (the workers ignore SIGINT; the parent starts no new one)."""
+    pytest.importorskip("pyscf")
+    data = np.load(data_dir / "md17_ethanol_dft.npz")
+    structures = tmp_path / "ethanol.xyz"
+    ase.io.write(structures, [Atoms(numbers=data["z"], positions=data["R"][i]) for i in range(8)])
+    out = tmp_path / "out.xyz"
+    command = [sys.executable, "-m", "metamlip", "label", str(structures), "--level", "hf/6-31g(d)",
+               "--out", str(out), "--workers", "2", "--quiet"]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        first = wait_for(lambda: out.exists() and len(ase.io.read(out, ":")) >= 1, 180)
+        assert first and parent.poll() is None, "the label run ended before it could be interrupted"
+        parent.send_signal(signal.SIGINT)
+        code = parent.wait(timeout=180)
+    finally:
+        parent.kill()
+        parent.wait()
+    stderr = parent.stderr.read().decode()
+    assert code == 130, stderr
+    assert "in flight are finished and written first" in stderr
+    assert 2 <= len(ase.io.read(out, ":")) < 8
+
+
 def pool_workers(parent_pid: int) -> list[int]:
     """Process ids of the multiprocessing pool workers whose parent is `parent_pid`."""
     found = []

@@ -15,7 +15,7 @@ from ase import Atoms
 from metamlip.errors import InputError
 from metamlip.labelling import calculate, label_structures, resolve_level
 from metamlip.labelling import runner as labelling_runner
-from metamlip.labelling.output import failures_path
+from metamlip.labelling.output import append_frame, failures_path
 
 MD17_FRAMES = 4
 FINITE_DIFFERENCE_STEP_ANGSTROM = 1.0e-3
@@ -141,6 +141,34 @@ def test_parallel_workers_give_the_same_labels(ethanol: list[Atoms], tmp_path: P
     assert serial.n_labelled == parallel.n_labelled == len(ethanol)
     serial_ev, parallel_ev = _energies_by_index(tmp_path / "serial.xyz"), _energies_by_index(tmp_path / "parallel.xyz")
     assert parallel_ev == pytest.approx(serial_ev, abs=1e-8)
+
+
+def test_interrupt_writes_the_structures_in_flight_then_resume_finishes(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C while two workers label: no new structure starts, the ones already running are still
+    written (nothing computed is dropped), and a rerun labels the rest, each structure once."""
+    pytest.importorskip("tblite")
+    data = np.load(data_dir / "md17_ethanol_dft.npz")
+    structures = [Atoms(numbers=data["z"], positions=data["R"][i]) for i in range(0, 400, 10)]  # 40
+    out = tmp_path / "out.xyz"
+    written = []
+
+    def append_then_interrupt(path, atoms):
+        append_frame(path, atoms)
+        written.append(int(atoms.info["source_index"]))
+        if len(written) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(labelling_runner, "append_frame", append_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        label_structures(structures, "gfn2-xtb", out, workers=2, progress=False)
+    first_run = _energies_by_index(out)
+    assert sorted(first_run) == sorted(written)
+    assert 2 <= len(first_run) < len(structures)  # the other worker's structure was kept; the queue was not run
+    monkeypatch.undo()
+    report = label_structures(structures, "gfn2-xtb", out, workers=2, progress=False)
+    assert report.n_already_done == len(first_run) and report.n_labelled == len(structures) - len(first_run)
+    indices = [int(atoms.info["source_index"]) for atoms in ase.io.read(out, ":")]
+    assert sorted(indices) == list(range(len(structures)))
 
 
 @pytest.mark.parametrize(

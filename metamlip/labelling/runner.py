@@ -1,7 +1,9 @@
 """Label many structures at one level of theory: parallel, resumable, failures skipped.
 
 Each finished structure is appended to the output at once, so a killed run loses
-only the structures in flight; a rerun skips the source indices already there.
+only the structures in flight; a rerun skips the source indices already there. Ctrl-C
+(SIGINT) to a run with workers starts no new structure and writes the ones in flight when
+they finish (pool workers ignore SIGINT); a second Ctrl-C stops at once, dropping them.
 Work runs in the calling process for ``workers=1`` and in a pool of spawned,
 single-threaded processes otherwise (spawned, so a script that calls
 `label_structures` with ``workers > 1`` needs the ``if __name__ == "__main__":``
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -89,30 +92,61 @@ def _label_job(spec: LevelSpec, job: Job, charge: int, multiplicity: int) -> Out
 
 
 def _start_worker(backend: str, parent_pid: int) -> None:
-    """Process-pool initializer: end with the parent (no orphans after a kill -9), run single-threaded."""
+    """Process-pool initializer: end with the parent (no orphans after a kill -9), leave Ctrl-C to the
+    parent (which lets the structure in hand finish), run single-threaded."""
     end_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     single_threaded_worker(backend)
 
 
-def _outcomes(spec: LevelSpec, jobs: list[Job], workers: int, charge: int, multiplicity: int) -> Iterator[Outcome]:
-    """Outcomes in completion order, computed here (workers=1) or in a process pool."""
-    if workers == 1 or len(jobs) <= 1:
-        with single_threaded(spec.backend):
-            for job in jobs:
-                yield _label_job(spec, job, charge, multiplicity)
-        return
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)),
-        mp_context=get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(spec.backend, os.getpid()),
-    )
-    try:
-        futures = [pool.submit(_label_job, spec, job, charge, multiplicity) for job in jobs]
+class _Calculations:
+    """The calculations of one run, here (workers=1) or in a pool of spawned processes."""
+
+    def __init__(self, spec: LevelSpec, jobs: list[Job], workers: int, charge: int, multiplicity: int) -> None:
+        self.spec, self.jobs, self.workers = spec, jobs, workers
+        self.charge, self.multiplicity = charge, multiplicity
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: set[Future] = set()
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """Outcomes in completion order."""
+        if self.workers == 1 or len(self.jobs) <= 1:
+            with single_threaded(self.spec.backend):
+                for job in self.jobs:
+                    yield _label_job(self.spec, job, self.charge, self.multiplicity)
+            return
+        self.pool = ProcessPoolExecutor(
+            max_workers=min(self.workers, len(self.jobs)),
+            mp_context=get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(self.spec.backend, os.getpid()),
+        )
+        futures = [self.pool.submit(_label_job, self.spec, job, self.charge, self.multiplicity) for job in self.jobs]
+        self.pending = set(futures)
         for future in as_completed(futures):
+            self.pending.discard(future)
             yield future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+
+    def in_flight(self) -> Iterator[Outcome]:
+        """After an interrupt: cancel the structures not started, yield the running ones as they finish."""
+        running = [future for future in self.pending if not future.cancel()]
+        if running:
+            log.warning("stopping: %d structure(s) in flight are finished and written first (Ctrl-C again to drop them)", len(running))
+        for future in as_completed(running):
+            self.pending.discard(future)
+            yield future.result()
+
+    def close(self) -> None:
+        """Shut the pool down; workers still computing (after a second interrupt) are killed."""
+        if self.pool is None:
+            return
+        processes = list((self.pool._processes or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if any(not future.done() for future in self.pending):
+            for process in processes:
+                process.kill()
+        for process in processes:
+            process.join()
 
 
 def _check_electrons(index: int, numbers: np.ndarray, charge: int, multiplicity: int) -> None:
@@ -172,19 +206,31 @@ def label_structures(
     jobs = _jobs(structures, done)
     report = LabelReport(spec.name, out_path, len(structures), n_already_done=len(done & set(range(len(structures)))))
     bar = tqdm(total=len(jobs), desc=f"label {spec.name}", unit="structure", disable=not progress)
+
+    def record(outcome: Outcome) -> None:
+        index, label, reason = outcome
+        if label is None:
+            report.failures[index] = reason or "unknown error"
+            write_failures(out_path, report.failures)
+            log.warning("structure %d failed at %s: %s", index, spec.name, reason)
+        else:
+            numbers, positions = structures[index].get_atomic_numbers(), structures[index].get_positions()
+            append_frame(out_path, labelled_atoms(numbers, positions, label, spec.name, index))
+            report.n_labelled += 1
+        bar.update(1)
+        bar.set_postfix(failed=len(report.failures))
+
+    calculations = _Calculations(spec, jobs, workers, charge, multiplicity)
     try:
-        for index, label, reason in _outcomes(spec, jobs, workers, charge, multiplicity):
-            if label is None:
-                report.failures[index] = reason or "unknown error"
-                write_failures(out_path, report.failures)
-                log.warning("structure %d failed at %s: %s", index, spec.name, reason)
-            else:
-                numbers, positions = structures[index].get_atomic_numbers(), structures[index].get_positions()
-                append_frame(out_path, labelled_atoms(numbers, positions, label, spec.name, index))
-                report.n_labelled += 1
-            bar.update(1)
-            bar.set_postfix(failed=len(report.failures))
+        try:
+            for outcome in calculations.outcomes():
+                record(outcome)
+        except KeyboardInterrupt:
+            for outcome in calculations.in_flight():
+                record(outcome)
+            raise
     finally:
+        calculations.close()
         bar.close()
         report.wall_time_s = time.perf_counter() - start
     write_failures(out_path, report.failures)
