@@ -142,6 +142,10 @@ def test_pretrain_only_fills_the_cache_that_the_full_run_reuses(tmp_path, data_d
     assert [p.name.split("-")[0] for p in cached] == ["joint", "scratch"]
     stamps = [p.stat().st_mtime_ns for p in cached]
     assert not (Path(config.output_dir) / "results.json").exists()
+    summaries = json.loads((Path(config.output_dir) / "pretraining.json").read_text())
+    assert summaries["joint"]["gradient_steps"] == 8 and summaries["scratch"]["stop_reason"] == "not pre-trained"
+    table = (Path(config.output_dir) / "pretraining.md").read_text()
+    assert "| joint | 8 |" in table and "`pbe0+mbd`" in table and "`wb97x/6-31g(d)`" in table
     config.n_test = 20
     results = run_experiment(config)
     assert [p.stat().st_mtime_ns for p in cached] == stamps

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrain_only:
         for name, summary in run_pretraining_only(config).items():
             print(f"{name}: {summary['gradient_steps']} steps, {summary['wall_seconds']:.0f} s, {summary['stop_reason']}")
-        print(f"pre-trained models: {config.output_dir}/pretrained/ (a full run of the same config reuses them)")
+        print(f"pre-trained models: {config.output_dir}/pretrained/ (a full run of the same config reuses them); "
+              f"summaries: {config.output_dir}/pretraining.json, pretraining.md")
         return 0
     results = run_experiment(config)
     print(format_results_table(results))

@@ -26,7 +26,7 @@ from metamlip.errors import InputError
 from metamlip.evaluation.metrics import evaluate
 from metamlip.experiment.config import ExperimentConfig
 from metamlip.experiment.records import FinetuneRecord, summarise
-from metamlip.experiment.report import write_report
+from metamlip.experiment.report import pretraining_section, write_report
 from metamlip.experiment.scans import ScanReference, load_scan_references, scan_model
 from metamlip.experiment.statistics import claim_check, pairwise_comparisons
 from metamlip.finetune import FinetuneOptions, finetune
@@ -285,13 +285,18 @@ def run_pretraining_only(config: ExperimentConfig) -> dict[str, dict]:
     run reuses, and nothing else; strategy name -> pre-training summary.
 
     The target level is read for its elements only (no test split, no size checks), so this can run
-    while the target is still being labelled."""
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    while the target is still being labelled. Writes the summaries to OUT/pretraining.json and their
+    table (steps, wall time, validation errors per level) to OUT/pretraining.md."""
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     config, _ = read_selection(config)
     splits, elements = pretraining_data(config, read_experiment_levels(config))
     names = strategy_names(config)
     jobs = [(config, splits, elements, name) for name in names]
-    return dict(zip(names, map_in_workers(pretrain_strategy, jobs, config.workers, config.threads, Path(config.output_dir))))
+    summaries = dict(zip(names, map_in_workers(pretrain_strategy, jobs, config.workers, config.threads, out_dir)))
+    (out_dir / "pretraining.json").write_text(json.dumps(summaries, indent=1) + "\n", encoding="utf-8")
+    (out_dir / "pretraining.md").write_text("\n".join(pretraining_section({"pretraining": summaries})), encoding="utf-8")
+    return summaries
 
 
 def run_experiment(config: ExperimentConfig) -> dict:
