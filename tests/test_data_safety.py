@@ -218,7 +218,7 @@ def test_ctrl_c_to_label_writes_the_structures_in_flight(data_dir, tmp_path):
     pytest.importorskip("pyscf")
     data = np.load(data_dir / "md17_ethanol_dft.npz")
     structures = tmp_path / "ethanol.xyz"
-    ase.io.write(structures, [Atoms(numbers=data["z"], positions=data["R"][i]) for i in range(8)])
+    ase.io.write(structures, [Atoms(numbers=data["z"], positions=data["R"][i]) for i in range(0, 400, 10)])  # 40
     out = tmp_path / "out.xyz"
     command = [sys.executable, "-m", "metamlip", "label", str(structures), "--level", "hf/6-31g(d)",
                "--out", str(out), "--workers", "2", "--quiet"]
@@ -234,7 +234,7 @@ def test_ctrl_c_to_label_writes_the_structures_in_flight(data_dir, tmp_path):
     stderr = parent.stderr.read().decode()
     assert code == 130, stderr
     assert "in flight are finished and written first" in stderr
-    assert 2 <= len(ase.io.read(out, ":")) < 8
+    assert 2 <= len(ase.io.read(out, ":")) < 40
 
 
 def pool_workers(parent_pid: int) -> list[int]:

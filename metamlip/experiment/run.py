@@ -168,10 +168,12 @@ def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: l
 
 def data_identity(source: dict) -> dict:
     """A `datasets` entry as the cache key sees it: its settings, its file's name and the SHA-256 of
-    its contents, not the folder, so a copied or moved study finds its cache."""
+    its contents (of every file, by name, for a packed level's folder), not where it lies, so a
+    copied or moved study finds its cache."""
     path = Path(source.pop("path"))
-    stat = path.stat()
-    return source | {"file": path.name, "sha256": file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+    files = sorted(child for child in path.iterdir() if child.is_file()) if path.is_dir() else [path]
+    digests = [(child.name, file_sha256(str(child.resolve()), child.stat().st_size, child.stat().st_mtime_ns)) for child in files]
+    return source | {"file": path.name, "sha256": digests[0][1] if not path.is_dir() else digests}
 
 
 @functools.lru_cache(maxsize=None)
