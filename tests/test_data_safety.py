@@ -222,7 +222,10 @@ def test_ctrl_c_to_label_writes_the_structures_in_flight(data_dir, tmp_path):
     out = tmp_path / "out.xyz"
     command = [sys.executable, "-m", "metamlip", "label", str(structures), "--level", "hf/6-31g(d)",
                "--out", str(out), "--workers", "2", "--quiet"]
-    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # SIGINT back to its default in the child: a test run started in the background (`pytest &` in a
+    # script) inherits it ignored, and Python then installs no KeyboardInterrupt handler
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = wait_for(lambda: out.exists() and len(ase.io.read(out, ":")) >= 1, 180)
         assert first and parent.poll() is None, "the label run ended before it could be interrupted"
