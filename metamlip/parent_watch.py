@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 WATCH_INTERVAL_S = 1.0
@@ -47,3 +48,15 @@ def _watch_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(WATCH_INTERVAL_S)
     os._exit(1)
+
+
+def stop_pool(pool: ProcessPoolExecutor, kill: bool) -> None:
+    """Shut `pool` down without waiting for queued jobs; with `kill`, its workers are killed (jobs in
+    flight are dropped), else they finish what they hold. Returns when every worker has exited."""
+    processes = list((pool._processes or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if kill:
+        for process in processes:
+            process.kill()
+    for process in processes:
+        process.join()

@@ -32,7 +32,7 @@ from metamlip.experiment.statistics import claim_check, pairwise_comparisons
 from metamlip.finetune import FinetuneOptions, finetune
 from metamlip.levels import level_slug, normalise_level
 from metamlip.model.potential import Potential
-from metamlip.parent_watch import end_with_parent
+from metamlip.parent_watch import end_with_parent, stop_pool
 from metamlip.pretrain import pretrain, pretraining_summary
 from metamlip.strategies import META_LEARNERS, SINGLE_LEVEL_PREFIX, Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
@@ -171,14 +171,20 @@ def data_identity(source: dict) -> dict:
     its contents (of every file, by name, for a packed level's folder), not where it lies, so a
     copied or moved study finds its cache."""
     path = Path(source.pop("path"))
-    files = sorted(child for child in path.iterdir() if child.is_file()) if path.is_dir() else [path]
-    digests = [(child.name, file_sha256(str(child.resolve()), child.stat().st_size, child.stat().st_mtime_ns)) for child in files]
-    return source | {"file": path.name, "sha256": digests[0][1] if not path.is_dir() else digests}
+    if path.is_dir():
+        return source | {"file": path.name, "sha256": [(child.name, file_sha256(child)) for child in sorted(path.iterdir()) if child.is_file()]}
+    return source | {"file": path.name, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process while its size and modification time stay."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=None)
-def file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a file's bytes, computed once per process for the same path, size and time."""
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """`file_sha256`, cached on the path, size and time."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 22), b""):
@@ -355,11 +361,7 @@ def map_in_workers(function: Callable, jobs: list[tuple], workers: int, threads:
         return results
     except KeyboardInterrupt as interrupt:
         if pool is not None:  # `with` would wait for the running jobs; stop them instead
-            processes = list((pool._processes or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.kill()
-                process.join()
+            stop_pool(pool, kill=True)
         signal_number = getattr(interrupt, "exit_code", 128 + signal.SIGINT) - 128
         raise TrainingInterrupted(
             f"{signal.Signals(signal_number).name}: stopped; finished pre-trainings are cached in {out_dir} and reused, "

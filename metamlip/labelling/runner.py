@@ -37,7 +37,7 @@ from metamlip.labelling.output import (
     labelled_atoms,
     write_failures,
 )
-from metamlip.parent_watch import end_with_parent
+from metamlip.parent_watch import end_with_parent, stop_pool
 from metamlip.labelling.threads import single_threaded, single_threaded_worker
 
 log = logging.getLogger(__name__)
@@ -138,15 +138,8 @@ class _Calculations:
 
     def close(self) -> None:
         """Shut the pool down; workers still computing (after a second interrupt) are killed."""
-        if self.pool is None:
-            return
-        processes = list((self.pool._processes or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        if any(not future.done() for future in self.pending):
-            for process in processes:
-                process.kill()
-        for process in processes:
-            process.join()
+        if self.pool is not None:
+            stop_pool(self.pool, kill=any(not future.done() for future in self.pending))
 
 
 def _check_electrons(index: int, numbers: np.ndarray, charge: int, multiplicity: int) -> None:
