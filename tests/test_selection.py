@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,34 @@ def test_a_diverging_grid_point_is_recorded_never_chosen_and_results_are_reused(
     stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "selection" / "scores").glob("*.json"))
     assert len(stamps) == 2 and run_selection(config, tmp_path / "selection")["scores"] == results["scores"]
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "selection" / "scores").glob("*.json")) == stamps
+
+
+def test_selection_scores_are_kept_by_the_contents_of_the_data_not_its_path(tmp_path, data_dir):
+    grid = {"joint": {"finetune.training.learning_rate": [0.001]}}
+    selection = {"n_finetune": [4], "seeds": 1, "n_test": 10, "grid": grid}
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(data_dir / "qm7x_226_raw.npz", moved / "qm7x_226_raw.npz")
+    first = write_config(tmp_path, data_dir, "first", selection=selection, strategies=["joint"])
+    run_selection(load_config(first, ExperimentConfig), tmp_path / "selection")
+    scores = tmp_path / "selection" / "scores"
+    kept = {path.name: path.stat().st_mtime_ns for path in scores.glob("*.json")}
+    assert len(kept) == 1
+
+    def config_with_qm7x(name: str):
+        config = yaml.safe_load(first.read_text())
+        config["datasets"][0]["path"] = str(moved / "qm7x_226_raw.npz")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return load_config(path, ExperimentConfig)
+
+    run_selection(config_with_qm7x("same_contents"), tmp_path / "selection")  # same bytes, other folder: reused
+    assert {path.name: path.stat().st_mtime_ns for path in scores.glob("*.json")} == kept
+    qm7x = dict(np.load(data_dir / "qm7x_226_raw.npz"))
+    qm7x["ePBE0+MBD"] = qm7x["ePBE0+MBD"] + 0.01  # eV, one number changed in every structure
+    np.savez(moved / "qm7x_226_raw.npz", **qm7x)
+    run_selection(config_with_qm7x("changed_contents"), tmp_path / "selection")
+    assert len(list(scores.glob("*.json"))) == 2  # scored again, not read from the stale file
 
 
 @pytest.mark.parametrize(

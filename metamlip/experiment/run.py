@@ -149,21 +149,27 @@ def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: l
 
     A `datasets` entry whose `level` is the target level is left out: target data that grows
     (a labelling still running) keeps the finished pre-trainings."""
-    target_level = normalise_level(config.target_level)
-    pretraining_sources = [
-        source for source in config.datasets if source.level is None or normalise_level(source.level) != target_level
-    ]
     relevant = {
         "version": __version__,
         "strategy": strategy.name,
         "elements": elements,
-        "datasets": [data_identity(asdict(source)) for source in pretraining_sources],
+        "datasets": pretraining_data_identity(config),
         "levels": config.pretrain_levels,
         "split_seed": config.split_seed,
         "model": asdict(config.model),
         "pretrain": asdict(config.pretrain),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretraining_data_identity(config: ExperimentConfig) -> list[dict]:
+    """`data_identity` of every `datasets` entry except those whose `level` is the target level."""
+    target_level = normalise_level(config.target_level)
+    return [
+        data_identity(asdict(source))
+        for source in config.datasets
+        if source.level is None or normalise_level(source.level) != target_level
+    ]
 
 
 def data_identity(source: dict) -> dict:

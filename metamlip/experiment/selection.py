@@ -26,7 +26,13 @@ from metamlip.data.lazy_batching import LevelData
 from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
 from metamlip.experiment.config import ExperimentConfig
-from metamlip.experiment.run import check_strategies, map_in_workers, run_strategy, split_experiment_levels
+from metamlip.experiment.run import (
+    check_strategies,
+    map_in_workers,
+    pretraining_data_identity,
+    run_strategy,
+    split_experiment_levels,
+)
 from metamlip.levels import level_slug, normalise_level
 from metamlip.training.loop import TrainingDiverged
 
@@ -71,12 +77,14 @@ def proxy_config(config: ExperimentConfig, proxy: str, strategy: str, point: dic
 
 def score_strategy(config: ExperimentConfig, levels: dict[str, LevelData], strategy: str, proxies: list[str], out_dir: Path) -> list[dict]:
     """Every grid point of `strategy` on every proxy: per-run test energy MAEs and the score. Each
-    point's result is kept in OUT/scores/ (a rerun reuses it); a point whose training diverges
+    point's result is kept in OUT/scores/, keyed by the settings and the contents of the pre-training
+    files (a rerun on the same data reuses it, changed data is scored again); a point whose training diverges
     scores None and is never chosen."""
     scored = []
     for point in grid_points(config.selection.grid.get(strategy, {})):
+        settings = {name: value for name, value in asdict(config).items() if name not in ("selection", "strategy_settings", "output_dir", "datasets")}
         key = {"strategy": strategy, "settings": point, "proxies": proxies, "selection": asdict(config.selection),
-               "config": {name: value for name, value in asdict(config).items() if name not in ("selection", "strategy_settings", "output_dir")}}
+               "config": settings, "datasets": pretraining_data_identity(config)}
         path = out_dir / "scores" / f"{level_slug(strategy)}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
         if path.exists():
             scored.append(json.loads(path.read_text(encoding="utf-8")))
