@@ -64,13 +64,8 @@ def finetune(
     does not know: `options.new_elements`. With `resume` training continues from
     RUN_DIR/checkpoint.pt (`fit`).
     """
-    model = copy.deepcopy(pretrained)
+    model = with_target_level(pretrained, strategy, train, validation, options)
     level = train.level
-    if level in model.level_heads:
-        raise InputError(f"target level {level!r} is already one of the model's levels {model.levels}")
-    add_species(model, elements_to_add(model.species, [train, validation], train, options.new_elements))
-    head = strategy.finetune_head(model, level, options.head_source)
-    model.add_level(EnergyReference.fit(train, model.species), head, embedding_from_mean=True)
     if options.freeze_backbone:
         for parameter in model.backbone.parameters():
             parameter.requires_grad_(False)
@@ -86,6 +81,22 @@ def finetune(
     if options.refit_reference:
         refit_reference(model, task.train, level)
     return model, result
+
+
+def with_target_level(
+    pretrained: Potential, strategy: Strategy, train: LevelData, validation: LevelData, options: FinetuneOptions = FinetuneOptions()
+) -> Potential:
+    """A copy of `pretrained` that knows the level of `train`, untrained: the strategy's head for it,
+    its reference fitted on `train`, elements it lacked per `options.new_elements`. Where
+    fine-tuning starts."""
+    model = copy.deepcopy(pretrained)
+    level = train.level
+    if level in model.level_heads:
+        raise InputError(f"target level {level!r} is already one of the model's levels {model.levels}")
+    add_species(model, elements_to_add(model.species, [train, validation], train, options.new_elements))
+    head = strategy.finetune_head(model, level, options.head_source)
+    model.add_level(EnergyReference.fit(train, model.species), head, embedding_from_mean=True)
+    return model
 
 
 def run_finetuning(config: FinetuneConfig, resume: bool = False) -> tuple[Path, ErrorMetrics | None]:

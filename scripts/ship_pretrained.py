@@ -19,6 +19,7 @@ from metamlip.config import load_config
 from metamlip.experiment.config import ExperimentConfig
 from metamlip.levels import normalise_level
 from metamlip.pretrained.ship import ship
+from metamlip.training.checkpoint import load_potential
 
 INTENDED_USE = (
     "A starting point for fine-tuning (`metamlip finetune` with `checkpoint: NAME`, or "
@@ -28,24 +29,23 @@ INTENDED_USE = (
 LIMITS = [
     "Elements H, C, N, O only: another element is an error at fine-tuning that names it, unless "
     "`finetune.new_elements: add` gives it fresh, untrained weights.",
-    "No charge or spin input: neutral closed-shell molecules (the one cation of the SPICE sample is "
-    "alone at its level). No periodic systems and no condensed phase in the training data.",
+    "No charge or spin input: neutral closed-shell molecules only. No periodic systems and no "
+    "condensed phase in the training data.",
     "Not a ready-made potential: predictions at a pre-training level are only as good as the "
     "validation errors in this card; refit to your level before use.",
-    "A small HIP-NN trained on about 12000 structures on one CPU core: a demonstration of "
-    "multi-level pre-training, not a foundation model.",
 ]
+SIZE_LIMIT = "A small HIP-NN ({features} features) pre-trained on {structures} structures on one CPU core: not a foundation model."
 
 
-def training_data(config: ExperimentConfig) -> list[dict]:
-    """Per pre-training level: structures, forces, origin and dataset, from the bundled manifests."""
-    target = normalise_level(config.target_level)
+def training_data(config: ExperimentConfig, model_levels: list[str]) -> list[dict]:
+    """Per level of the model (a single-level transfer model has one): structures, forces, origin
+    and dataset, from the bundled manifests of the config's files."""
     described = []
     for source in config.datasets:
         path = Path(source.path)
         manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
         for level, entry in manifest["levels"].items():
-            if entry["file"] == path.name and normalise_level(level) != target:
+            if entry["file"] == path.name and normalise_level(level) in model_levels:
                 described.append({"level": level, "structures": entry["n_structures"], "forces": entry["forces"],
                                   "origin": entry["origin"], "dataset": manifest["name"]})
     return described
@@ -59,12 +59,15 @@ def main() -> None:
     parser.add_argument("--description", required=True, help="one or two sentences placed first in the card")
     args = parser.parse_args()
     config = load_config(args.config, ExperimentConfig)
+    model = load_potential(args.checkpoint)
+    data = training_data(config, model.levels)
+    size = SIZE_LIMIT.format(features=model.config.n_features, structures=sum(entry["structures"] for entry in data))
     card = ship(
         args.checkpoint, args.name,
         description=args.description,
-        training_data=training_data(config),
+        training_data=data,
         intended_use=INTENDED_USE,
-        limits=LIMITS,
+        limits=[*LIMITS, size],
         budget_notes={"hardware": "one core of a shared 2-core CPU machine, one PyTorch thread", "config": args.config.as_posix()},
     )
     print(json.dumps(card, indent=1))

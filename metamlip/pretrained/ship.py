@@ -69,4 +69,6 @@ def ship(checkpoint: str | Path, name: str, folder: str | Path = SHIPPED_FOLDER,
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
         stream.write(json.dumps(card, indent=1) + "\n")
     os.replace(temporary, folder / f"{name}.json")
+    for path in (folder / f"{name}.pt", folder / f"{name}.json"):
+        path.chmod(0o644)  # package data: readable by every user of an installation
     return card
