@@ -1,7 +1,9 @@
 """Ship a pre-trained model of the organic study: NAME.pt + NAME.json in metamlip/pretrained/.
 
     python scripts/ship_pretrained.py runs/organic_paracetamol_study/pretrained/STRATEGY-KEY.pt \
-        --name organic-hcno-v1 --config metamlip/configs/organic_paracetamol_study.yaml
+        --name NAME --config metamlip/configs/organic_paracetamol_study.yaml --description "..."
+
+(`qm7x-pbe0mbd-hcno-v1` was shipped from ``single_pbe0+mbd-c4750c1fc587.pt``, the description in its card.)
 
 `metamlip.pretrained.ship` copies the checkpoint and writes the model card: strategy, levels,
 elements, architecture, budget and per-level validation errors from the checkpoint's own
