@@ -5,6 +5,7 @@ Potential, and the to_dict/from_dict round trip."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import Potential, build_potential
-from metamlip.readers import read_level
+from metamlip.readers import read_dataset, read_level
 
 DATA = Path(__file__).parent / "data"
 # Rough free-atom energies (eV) of H, C, N, O, S, Cl: the magnitudes a DFT level gives.
@@ -68,6 +69,20 @@ def test_single_composition_falls_back_to_mean_energy_per_atom() -> None:
     np.testing.assert_allclose(reference.energy_per_element_ev, [per_atom, per_atom, 0.0, per_atom], rtol=1e-14)
     predicted = reference.energies_ev(ethanol.composition_matrix([1, 6, 7, 8]))
     np.testing.assert_allclose(predicted.mean(), ethanol.energies_ev.mean(), rtol=1e-14)
+
+
+def test_compositions_that_do_not_determine_the_reference_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The ANI-1x sample's CCSD(T)*/CBS level: 6 structures of 5 formulas of H, C, N, O; 3 formulas
+    leave the 4 reference energies undetermined (as a small training split of it can)."""
+    ccsdt = next(data for data in read_dataset(DATA / "ani1x_release_sample.h5") if data.level == "ccsd(t)/cbs")
+    counts = ccsdt.composition_matrix([1, 6, 7, 8])
+    _, first = np.unique(counts, axis=0, return_index=True)
+    caplog.set_level(logging.WARNING, logger="metamlip.data.references")
+    EnergyReference.fit(ccsdt, [1, 6, 7, 8])
+    assert caplog.text == ""  # 5 formulas: rank 4, determined
+    three_formulas = ccsdt.subset(sorted(first)[:3])
+    EnergyReference.fit(three_formulas, [1, 6, 7, 8])
+    assert "level 'ccsd(t)/cbs': the element counts of its 3 structures have rank 3 for 4 elements" in caplog.text
 
 
 def test_levels_keep_their_own_references_inside_a_potential(qm7x: LevelDataset) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,8 @@ from metamlip.data.level_dataset import LevelDataset
 
 if TYPE_CHECKING:
     from metamlip.data.packed import PackedLevel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,13 +39,23 @@ class EnergyReference:
 
     @classmethod
     def from_counts(cls, level: str, elements: list[int], counts: np.ndarray, energies: np.ndarray) -> EnergyReference:
-        """The fit of `fit` on an (n_structures, n_elements) count matrix and (n_structures,) energies in eV."""
+        """The fit of `fit` on an (n_structures, n_elements) count matrix and (n_structures,) energies in eV.
+        Several compositions that do not determine every element's e_Z (rank below the elements
+        present) get the minimum-norm fit and a logged warning naming the level."""
         if len(np.unique(counts, axis=0)) <= 1:
             per_atom = float(np.mean(energies / counts.sum(axis=1))) if len(energies) else 0.0
             energy_per_element = np.where(counts[:1].sum(axis=0) > 0, per_atom, 0.0) if len(counts) else np.zeros(len(elements))
         else:
-            energy_per_element, *_ = np.linalg.lstsq(counts, energies, rcond=None)
-            energy_per_element = np.where(counts.sum(axis=0) > 0, energy_per_element, 0.0)
+            energy_per_element, _, rank, _ = np.linalg.lstsq(counts, energies, rcond=None)
+            present = counts.sum(axis=0) > 0
+            if rank < present.sum():
+                log.warning(
+                    "level %r: the element counts of its %d structures have rank %d for %d elements, so its "
+                    "per-element reference energies are not determined (minimum-norm fit): energies of other "
+                    "formulas at this level will be off by an arbitrary amount",
+                    level, len(energies), rank, int(present.sum()),
+                )
+            energy_per_element = np.where(present, energy_per_element, 0.0)
         return cls(level, list(elements), np.asarray(energy_per_element, dtype=np.float64))
 
     def energies_ev(self, counts: np.ndarray) -> np.ndarray:
