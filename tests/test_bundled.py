@@ -283,6 +283,8 @@ def test_paracetamol_target_shares_the_md_geometries_and_has_forces(paracetamol:
     row_of_frame = {int(frame): row for row, frame in enumerate(paracetamol.source_frames["gfn2-xtb"])}
     target = paracetamol.levels[PARACETAMOL_TARGET]
     assert len(target) >= 1 and target.has_forces and np.isfinite(target.forces_ev_per_angstrom).all()
+    drawn = np.random.default_rng(0).permutation(300)  # the manifest's selection rule
+    assert set(paracetamol.source_frames[PARACETAMOL_TARGET].tolist()) == set(drawn[: len(target)].tolist())  # a prefix of the draw
     for row, frame in enumerate(paracetamol.source_frames[PARACETAMOL_TARGET]):
         np.testing.assert_allclose(
             target.positions_angstrom[target.atom_slice(row)],
