@@ -163,12 +163,12 @@ def test_selection_scores_are_kept_by_the_contents_of_the_data_not_its_path(tmp_
 )
 def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
     from metamlip.experiment.run import check_strategies, read_selection
-    from metamlip.experiment.selection import proxy_sources
+    from metamlip.experiment.run import non_target_sources
 
     path = Path(__file__).parents[1] / "metamlip" / "configs" / name
     config, selection = read_selection(load_config(path, ExperimentConfig))
     check_strategies(config)
-    assert len(proxy_sources(config)) == len(config.datasets) - 1  # select never opens the target's file
+    assert len(non_target_sources(config)) == len(config.datasets) - 1  # select never opens the target's file
     assert selection["target_level_read"] is False and selection["proxy_levels"] == ["hf/6-31g(d)", "b3lyp/6-31g(d)"]
     assert config.strategy_settings["reptile"]["pretrain.reptile.inner_steps"] == 3  # the choice of the shipped selection
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from metamlip import __version__
-from metamlip.config import from_mapping, set_dotted_key
+from metamlip.config import DataSource, from_mapping, set_dotted_key
 from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
@@ -147,7 +147,7 @@ def finetune_subsets(pool: LevelData, n_finetune: int, n_validation: int, seed: 
 def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: list[int]) -> str:
     """Hash of everything that determines a pre-trained model (not the fine-tuning settings).
 
-    A `datasets` entry whose `level` is the target level is left out: target data that grows
+    A `datasets` entry declared to hold only the target level is left out: target data that grows
     (a labelling still running) keeps the finished pre-trainings."""
     relevant = {
         "version": __version__,
@@ -162,14 +162,21 @@ def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: l
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def declared_levels(source: DataSource) -> set[str] | None:
+    """The levels a source's config entry names (``level`` or ``levels``), None when it names none."""
+    names = source.levels or ([source.level] if source.level else None)
+    return {normalise_level(name) for name in names} if names else None
+
+
+def non_target_sources(config: ExperimentConfig) -> list[DataSource]:
+    """The datasets minus those declared to hold only the target level (`select` never opens them)."""
+    target = normalise_level(config.target_level)
+    return [source for source in config.datasets if declared_levels(source) != {target}]
+
+
 def pretraining_data_identity(config: ExperimentConfig) -> list[dict]:
-    """`data_identity` of every `datasets` entry except those whose `level` is the target level."""
-    target_level = normalise_level(config.target_level)
-    return [
-        data_identity(asdict(source))
-        for source in config.datasets
-        if source.level is None or normalise_level(source.level) != target_level
-    ]
+    """`data_identity` of every `non_target_sources` entry."""
+    return [data_identity(asdict(source)) for source in non_target_sources(config)]
 
 
 def data_identity(source: dict) -> dict:

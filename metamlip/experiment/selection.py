@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from metamlip.config import DataSource, from_mapping
+from metamlip.config import from_mapping
 from metamlip.data.lazy_batching import LevelData
 from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
@@ -29,6 +29,7 @@ from metamlip.experiment.config import ExperimentConfig
 from metamlip.experiment.run import (
     check_strategies,
     map_in_workers,
+    non_target_sources,
     pretraining_data_identity,
     run_strategy,
     split_experiment_levels,
@@ -43,18 +44,6 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     """Every combination of the grid's values, as {dotted key: value}; one empty point for no grid."""
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[key] for key in keys))]
-
-
-def declared_levels(source: DataSource) -> set[str] | None:
-    """The levels a source's config entry names (``level`` or ``levels``), None when it names none."""
-    names = source.levels or ([source.level] if source.level else None)
-    return {normalise_level(name) for name in names} if names else None
-
-
-def proxy_sources(config: ExperimentConfig) -> list[DataSource]:
-    """The datasets minus those declared to hold only the target level (they are never opened)."""
-    target = normalise_level(config.target_level)
-    return [source for source in config.datasets if declared_levels(source) != {target}]
 
 
 def proxy_config(config: ExperimentConfig, proxy: str, strategy: str, point: dict, out_dir: Path) -> ExperimentConfig:
@@ -131,7 +120,7 @@ def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
     outside = sorted(set(proxies) - set(pretraining))
     if outside:
         raise InputError(f"config key 'selection.proxy_levels': {outside} are not pre-training levels (the target is never a proxy)")
-    levels = read_sources(proxy_sources(config), pretraining)
+    levels = read_sources(non_target_sources(config), pretraining)
     jobs = list(config.selection.grid)
     per_strategy = map_in_workers(score_strategy, [(config, levels, job, proxies, out_dir) for job in jobs], config.workers, config.threads, out_dir)
     chosen = {}
