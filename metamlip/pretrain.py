@@ -12,6 +12,7 @@ from metamlip.data.batching import Batcher
 from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.references import EnergyReference
 from metamlip.data.sources import read_sources
+from metamlip.errors import InputError
 from metamlip.evaluation.metrics import evaluate
 from metamlip.experiment.config import PretrainConfig
 from metamlip.model.potential import Potential
@@ -42,18 +43,20 @@ def pretrain(
     budget: PretrainBudget,
     run_dir: str | Path,
     resume: bool = False,
+    reference_anchors: dict[str, str] | None = None,
 ) -> tuple[Potential, FitResult | None]:
     """A potential for `elements` pre-trained on the strategy's levels of `splits` (untrained for `scratch`).
 
     Every strategy gets the same budget of gradient steps (and optional wall time). With
     `budget.until` 'steps' early stopping is off and the last weights are kept, so no strategy
     stops sooner than another; with 'converged' every strategy stops by the same patience rule
-    on its validation loss and keeps its best weights.
+    on its validation loss and keeps its best weights. `reference_anchors` (level: anchor level) as
+    in `level_reference`.
     """
     model = new_potential(strategy.model_section(model_section), elements)
     if not strategy.pretrains:
         return model, None
-    tasks = pretraining_tasks(strategy, model, splits)
+    tasks = pretraining_tasks(strategy, model, splits, reference_anchors or {})
     converged = budget.until == "converged"
     settings = dataclasses.replace(
         settings,
@@ -67,13 +70,36 @@ def pretrain(
     return model, result
 
 
-def pretraining_tasks(strategy: Strategy, model: Potential, splits: dict[str, LevelSplit]) -> list[Task]:
-    """Register the strategy's levels on `model` (reference fitted on each training part, head) and
-    return their tasks."""
-    splits = strategy.pretraining_splits(splits)
-    for index, (level, split) in enumerate(splits.items()):
-        model.add_level(EnergyReference.fit(split.train, model.species), strategy.head_for_level(level, index))
-    return level_tasks(model, splits, model.config.cutoff_angstrom, next(model.parameters()).dtype)
+def pretraining_tasks(
+    strategy: Strategy, model: Potential, splits: dict[str, LevelSplit], reference_anchors: dict[str, str]
+) -> list[Task]:
+    """Register the strategy's levels on `model` (`level_reference`, head) and return their tasks."""
+    check_reference_anchors(reference_anchors, splits)
+    trained_splits = strategy.pretraining_splits(splits)
+    for index, level in enumerate(trained_splits):
+        model.add_level(level_reference(level, splits, model.species, reference_anchors), strategy.head_for_level(level, index))
+    return level_tasks(model, trained_splits, model.config.cutoff_angstrom, next(model.parameters()).dtype)
+
+
+def level_reference(level: str, splits: dict[str, LevelSplit], elements: list[int], reference_anchors: dict[str, str]) -> EnergyReference:
+    """The level's energy reference, fitted on its training part; for a level with an anchor
+    (`pretrain.reference_anchors`), anchored to that level's reference on the training
+    structures both share (`EnergyReference.fit_anchored`)."""
+    anchor = reference_anchors.get(level)
+    if anchor is None:
+        return EnergyReference.fit(splits[level].train, elements)
+    anchor_reference = EnergyReference.fit(splits[anchor].train, elements)
+    return EnergyReference.fit_anchored(splits[level].train, elements, anchor_reference, splits[anchor].train)
+
+
+def check_reference_anchors(reference_anchors: dict[str, str], splits: dict[str, LevelSplit]) -> None:
+    """InputError naming the key when an anchored level or its anchor is not read, or an anchor has one itself."""
+    for level, anchor in reference_anchors.items():
+        for name in (level, anchor):
+            if name not in splits:
+                raise InputError(f"pretrain.reference_anchors: level {name!r} is not among the pre-training levels {sorted(splits)}")
+        if anchor in reference_anchors:
+            raise InputError(f"pretrain.reference_anchors: the anchor {anchor!r} of {level!r} is anchored itself; an anchor fits its own reference")
 
 
 def pretraining_summary(
@@ -110,7 +136,8 @@ def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
     settings = training_settings(config.pretrain.training)
     run_dir = Path(config.output_dir)
     budget = config.pretrain.budget()
-    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume)
+    anchors = config.pretrain.normalised_reference_anchors()
+    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume, anchors)
     path = run_dir / "model.pt"
     summary = pretraining_summary(strategy, model, splits, result, budget)
     if distributed.is_main_process():

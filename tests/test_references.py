@@ -1,12 +1,14 @@
 """Per-level energy references (metamlip.data.references) on real compositions: recovery of
 known per-element energies, the single-composition fallback, separation of levels inside a
-Potential, and the to_dict/from_dict round trip."""
+Potential, the to_dict/from_dict round trip, and references anchored to another level on shared
+geometries (the ANI-1x sample's levels of the bundled organic-pretraining set)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import replace
+from importlib.resources import as_file, files
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,14 @@ import torch
 
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
-from metamlip.data.references import EnergyReference
+from metamlip.data.references import EnergyReference, geometry_keys
 from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import Potential, build_potential
+from metamlip.pretrain import check_reference_anchors, pretraining_tasks
 from metamlip.readers import read_dataset, read_level
+from metamlip.strategies import get_strategy
+from metamlip.training.run_training import validation_splits
 
 DATA = Path(__file__).parent / "data"
 # Rough free-atom energies (eV) of H, C, N, O, S, Cl: the magnitudes a DFT level gives.
@@ -126,3 +131,80 @@ def test_a_reference_for_other_elements_is_a_clear_error(qm7x: LevelDataset) -> 
     reference = EnergyReference.fit(qm7x, [*qm7x.elements, 9])
     with pytest.raises(InputError, match=r"level 'pbe0\+mbd': reference elements .* differ from model species"):
         model.add_level(reference)
+
+
+ORGANIC = files("metamlip").joinpath("bundled", "organic_pretraining")
+HCNO = [1, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def ani1x_levels() -> dict[str, LevelDataset]:
+    """The organic-pretraining set's wB97X/6-31G(d) (COMP6 S66x8 + the ANI-1x sample's 8 conformers:
+    536 structures) and three of the ANI-1x sample's own levels on 6 of those conformers (5 formulas)."""
+    files_of = {"wb97x/6-31g(d)": "wb97x_6-31g_d.xyz", "hf/cc-pvdz": "hf_cc-pvdz.xyz", "mp2/cc-pvdz": "mp2_cc-pvdz.xyz", "ccsd(t)/cbs": "ccsd_t_cbs.xyz"}
+    levels = {}
+    for level, name in files_of.items():
+        with as_file(ORGANIC.joinpath(name)) as path:
+            levels[level] = read_level(path)
+    return levels
+
+
+@pytest.mark.parametrize("level", ["hf/cc-pvdz", "mp2/cc-pvdz", "ccsd(t)/cbs"])
+def test_an_anchored_reference_extrapolates_to_formulas_its_level_never_saw(ani1x_levels: dict[str, LevelDataset], level: str) -> None:
+    """Fitted on the other 5 structures, a level's own reference misses the energy of a formula seen
+    once by 3.8-9 eV beyond the anchor's residual (25-210 eV for the two with 2 carbons, all others
+    have 1); anchored to wB97X/6-31G(d) it misses by at most 2.8 eV, and 3x less."""
+    anchor = ani1x_levels["wb97x/6-31g(d)"]
+    anchor_reference = EnergyReference.fit(anchor, HCNO)
+    dataset = ani1x_levels[level]
+    counts = dataset.composition_matrix(HCNO)
+    formulas, index_of, times = np.unique(counts, axis=0, return_index=True, return_counts=True)
+    anchor_energy_ev = dict(zip(geometry_keys(anchor), anchor.energies_ev))
+    keys = geometry_keys(dataset)
+    held_out = [int(index) for index, count in zip(index_of, times) if count == 1]
+    assert len(held_out) == 4
+    for index in held_out:
+        train = dataset.subset([i for i in range(len(dataset)) if i != index])
+        own = EnergyReference.fit(train, HCNO)
+        anchored = EnergyReference.fit_anchored(train, HCNO, anchor_reference, anchor)
+        anchor_residual_ev = anchor_energy_ev[keys[index]] - counts[index] @ anchor_reference.energy_per_element_ev
+        own_miss_ev = dataset.energies_ev[index] - counts[index] @ own.energy_per_element_ev - anchor_residual_ev
+        anchored_miss_ev = dataset.energies_ev[index] - counts[index] @ anchored.energy_per_element_ev - anchor_residual_ev
+        assert abs(anchored_miss_ev) < min(3.0, abs(own_miss_ev) / 3), (level, index, own_miss_ev, anchored_miss_ev)
+        if counts[index, 1] == 2:
+            assert abs(own_miss_ev) > 20.0, (level, index, own_miss_ev)
+
+
+def test_an_anchored_reference_is_exact_for_a_linear_shift(ani1x_levels: dict[str, LevelDataset]) -> None:
+    anchor = ani1x_levels["wb97x/6-31g(d)"]
+    anchor_reference = EnergyReference.fit(anchor, HCNO)
+    shift_ev = np.array([-0.7, 3.1, -2.2, 5.4])
+    conformers = anchor.subset(np.arange(len(anchor))[-8:])  # the ANI-1x sample's 8 (5 formulas)
+    shifted = replace(conformers, level="shifted", energies_ev=conformers.energies_ev + conformers.composition_matrix(HCNO) @ shift_ev)
+    anchored = EnergyReference.fit_anchored(shifted, HCNO, anchor_reference, anchor)
+    np.testing.assert_allclose(anchored.energy_per_element_ev, anchor_reference.energy_per_element_ev + shift_ev, atol=1e-8)
+    assert anchored.level == "shifted"
+
+
+def test_an_anchor_without_shared_geometries_is_a_clear_error(ani1x_levels: dict[str, LevelDataset]) -> None:
+    anchor = ani1x_levels["wb97x/6-31g(d)"]
+    s66_only = anchor.subset(np.arange(len(anchor) - 8))
+    with pytest.raises(InputError, match=r"level 'ccsd\(t\)/cbs': none of its 6 training structures has the geometry of a structure of its reference anchor 'wb97x/6-31g\(d\)'"):
+        EnergyReference.fit_anchored(ani1x_levels["ccsd(t)/cbs"], HCNO, EnergyReference.fit(s66_only, HCNO), s66_only)
+
+
+def test_pretraining_registers_anchored_references_and_checks_the_anchors(ani1x_levels: dict[str, LevelDataset]) -> None:
+    levels = {level: ani1x_levels[level] for level in ("wb97x/6-31g(d)", "mp2/cc-pvdz", "ccsd(t)/cbs")}
+    splits = validation_splits(levels, 0.1, 0)
+    anchors = {"ccsd(t)/cbs": "wb97x/6-31g(d)"}
+    model = build_potential(HCNO, SMALL_HIPNN, seed=0)
+    pretraining_tasks(get_strategy("joint"), model, splits, anchors)
+    expected = EnergyReference.fit_anchored(
+        splits["ccsd(t)/cbs"].train, HCNO, EnergyReference.fit(splits["wb97x/6-31g(d)"].train, HCNO), splits["wb97x/6-31g(d)"].train
+    )
+    np.testing.assert_array_equal(model.references["ccsd(t)/cbs"].energy_per_element_ev, expected.energy_per_element_ev)
+    np.testing.assert_array_equal(model.references["mp2/cc-pvdz"].energy_per_element_ev, EnergyReference.fit(splits["mp2/cc-pvdz"].train, HCNO).energy_per_element_ev)
+    with pytest.raises(InputError, match=r"pretrain.reference_anchors: level 'hf/cc-pvdz' is not among the pre-training levels"):
+        check_reference_anchors({"ccsd(t)/cbs": "hf/cc-pvdz"}, splits)
+    with pytest.raises(InputError, match=r"the anchor 'mp2/cc-pvdz' of 'ccsd\(t\)/cbs' is anchored itself"):
+        check_reference_anchors({"ccsd(t)/cbs": "mp2/cc-pvdz", "mp2/cc-pvdz": "wb97x/6-31g(d)"}, splits)

@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metamlip.config import DataSource, ModelSection, TrainingSection
+from metamlip.levels import normalise_level
 from metamlip.strategies import PretrainBudget, ReptileSettings
 
 
 @dataclass
 class PretrainSection:
-    """The budget every strategy gets, and how pre-training levels are split."""
+    """The budget every strategy gets, and how pre-training levels are split.
+
+    `reference_anchors`: level -> anchor level; the level's per-element energy reference is the
+    anchor's plus a correction fitted on the geometries both label (`EnergyReference.fit_anchored`),
+    for a level of too few formulas to determine its own."""
 
     gradient_steps: int = 3000
     wall_seconds: float | None = None
@@ -22,6 +27,10 @@ class PretrainSection:
     patience: int = 10
     training: TrainingSection = field(default_factory=TrainingSection)
     reptile: ReptileSettings = field(default_factory=ReptileSettings)
+    reference_anchors: dict[str, str] = field(default_factory=dict)
+
+    def normalised_reference_anchors(self) -> dict[str, str]:
+        return {normalise_level(level): normalise_level(anchor) for level, anchor in self.reference_anchors.items()}
 
     def budget(self) -> PretrainBudget:
         return PretrainBudget(

@@ -33,7 +33,7 @@ from metamlip.finetune import FinetuneOptions, finetune
 from metamlip.levels import level_slug, normalise_level
 from metamlip.model.potential import Potential
 from metamlip.parent_watch import end_with_parent, stop_pool
-from metamlip.pretrain import pretrain, pretraining_summary
+from metamlip.pretrain import check_reference_anchors, pretrain, pretraining_summary
 from metamlip.strategies import META_LEARNERS, SINGLE_LEVEL_PREFIX, Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.loop import CHECKPOINT_NAME
@@ -157,9 +157,18 @@ def pretrain_cache_key(config: ExperimentConfig, strategy: Strategy, elements: l
         "levels": config.pretrain_levels,
         "split_seed": config.split_seed,
         "model": asdict(config.model),
-        "pretrain": asdict(config.pretrain),
+        "pretrain": pretrain_section_identity(config),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretrain_section_identity(config: ExperimentConfig) -> dict:
+    """`pretrain` as the cache key sees it: no `reference_anchors` key when there are none, so
+    pre-trainings cached before the option existed are found again."""
+    section = asdict(config.pretrain)
+    if not section["reference_anchors"]:
+        del section["reference_anchors"]
+    return section
 
 
 def declared_levels(source: DataSource) -> set[str] | None:
@@ -223,7 +232,8 @@ def pretrained_model(
     resume = (run_dir / CHECKPOINT_NAME).exists()
     if resume:
         log.info("%s: resuming the stopped pre-training in %s", strategy.name, run_dir)
-    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume=resume)
+    anchors = config.pretrain.normalised_reference_anchors()
+    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume, anchors)
     summary = pretraining_summary(strategy, model, splits, result, budget)
     save_checkpoint(path, model, extra={"strategy": strategy.name, "pretraining": json.dumps(summary)})
     log.info("%s: pre-trained in %.0f s (%s)", strategy.name, summary["wall_seconds"], summary["stop_reason"])
@@ -264,6 +274,7 @@ def pretraining_data(config: ExperimentConfig, levels: dict[str, LevelData]) -> 
     target_level = normalise_level(config.target_level)
     pretraining_levels = {level: dataset for level, dataset in levels.items() if level != target_level}
     pretrain_splits = validation_splits(pretraining_levels, config.pretrain.validation_fraction, config.split_seed)
+    check_reference_anchors(config.pretrain.normalised_reference_anchors(), pretrain_splits)
     return pretrain_splits, sorted({z for dataset in levels.values() for z in dataset.elements})
 
 
