@@ -24,6 +24,7 @@ from metamlip.model.potential import Potential, build_potential
 from metamlip.pretrain import check_reference_anchors, pretraining_tasks
 from metamlip.readers import read_dataset, read_level
 from metamlip.strategies import get_strategy
+from metamlip.training.refit import refit_reference
 from metamlip.training.run_training import validation_splits
 
 DATA = Path(__file__).parent / "data"
@@ -88,6 +89,12 @@ def test_compositions_that_do_not_determine_the_reference_are_logged(caplog: pyt
     three_formulas = ccsdt.subset(sorted(first)[:3])
     EnergyReference.fit(three_formulas, [1, 6, 7, 8])
     assert "level 'ccsd(t)/cbs': the element counts of its 3 structures have rank 3 for 4 elements" in caplog.text
+
+    caplog.clear()  # training registers the level, then refits on the same structures: one warning, not two
+    model = build_potential([1, 6, 7, 8], SMALL_HIPNN, seed=0, dtype=torch.float64)
+    model.add_level(EnergyReference.fit(three_formulas, [1, 6, 7, 8]))
+    refit_reference(model, StructureBatcher(three_formulas, model.species, SMALL_HIPNN.cutoff_angstrom, torch.float64), "ccsd(t)/cbs")
+    assert caplog.text.count("have rank 3 for 4 elements") == 1
 
 
 def test_levels_keep_their_own_references_inside_a_potential(qm7x: LevelDataset) -> None:

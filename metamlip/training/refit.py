@@ -19,10 +19,13 @@ from metamlip.model.potential import Potential
 
 def refit_reference(model: Potential, train: Batcher, level: str) -> EnergyReference:
     """Replace `level`'s reference in `model` by the least-squares fit of the labels minus the
-    network's residual energies on the `train` structures; returns the new reference."""
+    network's residual energies on the `train` structures; returns the new reference. The first fit
+    on the same compositions has already warned if they leave the reference undetermined."""
     dataset = train.dataset
     counts = dataset.composition_matrix(model.species)
-    reference = EnergyReference.from_counts(level, model.species, counts, dataset.energies_ev - network_energies_ev(model, train, level))
+    reference = EnergyReference.from_counts(
+        level, model.species, counts, dataset.energies_ev - network_energies_ev(model, train, level), warn_undetermined=False
+    )
     model.add_level(reference, model.level_heads[level])
     return reference
 
