@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -121,11 +121,22 @@ class _Calculations:
             initializer=_start_worker,
             initargs=(self.spec.backend, os.getpid()),
         )
-        futures = [self.pool.submit(_label_job, self.spec, job, self.charge, self.multiplicity) for job in self.jobs]
-        self.pending = set(futures)
-        for future in as_completed(futures):
-            self.pending.discard(future)
-            yield future.result()
+        waiting = iter(self.jobs)
+        for _ in range(min(self.workers, len(self.jobs))):
+            self._submit_next(waiting)
+        while self.pending:
+            finished, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                self.pending.discard(future)
+                yield future.result()
+                self._submit_next(waiting)  # after the caller has written it: an interrupt there starts nothing new
+
+    def _submit_next(self, waiting: Iterator[Job]) -> None:
+        """Hand the next job to the pool: at most one per worker is ever submitted, so none sits in the
+        pool's queue where an interrupt could no longer cancel it."""
+        job = next(waiting, None)
+        if job is not None:
+            self.pending.add(self.pool.submit(_label_job, self.spec, job, self.charge, self.multiplicity))
 
     def in_flight(self) -> Iterator[Outcome]:
         """After an interrupt: cancel the structures not started, yield the running ones as they finish."""
