@@ -20,6 +20,7 @@ from pathlib import Path
 from metamlip.config import load_config
 from metamlip.experiment.config import ExperimentConfig
 from metamlip.levels import normalise_level
+from metamlip.model.backbone_choice import backbone_name
 from metamlip.pretrained.ship import ship
 from metamlip.training.checkpoint import load_potential
 
@@ -36,7 +37,8 @@ LIMITS = [
     "Not a ready-made potential: predictions at a pre-training level are only as good as the "
     "validation errors in this card; refit to your level before use.",
 ]
-SIZE_LIMIT = "A small HIP-NN ({features} features) pre-trained on {structures} structures on one CPU core: not a foundation model."
+BACKBONE_NAMES = {"hipnn": "HIP-NN", "mace": "MACE"}
+SIZE_LIMIT = "A small {backbone} model ({parameters} parameters) pre-trained on {structures} structures on one CPU core: not a foundation model."
 
 
 def training_data(config: ExperimentConfig, model_levels: list[str]) -> list[dict]:
@@ -63,7 +65,11 @@ def main() -> None:
     config = load_config(args.config, ExperimentConfig)
     model = load_potential(args.checkpoint)
     data = training_data(config, model.levels)
-    size = SIZE_LIMIT.format(features=model.config.n_features, structures=sum(entry["structures"] for entry in data))
+    size = SIZE_LIMIT.format(
+        backbone=BACKBONE_NAMES[backbone_name(model.config)],
+        parameters=sum(parameter.numel() for parameter in model.parameters()),
+        structures=sum(entry["structures"] for entry in data),
+    )
     card = ship(
         args.checkpoint, args.name,
         description=args.description,
