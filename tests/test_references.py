@@ -17,6 +17,7 @@ import torch
 
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
+from metamlip.data.packed import PackedLevel, pack_hdf5
 from metamlip.data.references import EnergyReference, geometry_keys
 from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
@@ -215,3 +216,19 @@ def test_pretraining_registers_anchored_references_and_checks_the_anchors(ani1x_
         check_reference_anchors({"ccsd(t)/cbs": "hf/cc-pvdz"}, splits)
     with pytest.raises(InputError, match=r"the anchor 'mp2/cc-pvdz' of 'ccsd\(t\)/cbs' is anchored itself"):
         check_reference_anchors({"ccsd(t)/cbs": "mp2/cc-pvdz", "mp2/cc-pvdz": "wb97x/6-31g(d)"}, splits)
+
+
+def test_packed_levels_give_the_same_geometry_keys_and_anchored_reference(tmp_path: Path) -> None:
+    """The ANI-1x sample packed (memory-mapped) and read into memory: one key per geometry either way."""
+    path = DATA / "ani1x_release_sample.h5"
+    levels = ["wb97x/6-31g(d)", "ccsd(t)/cbs"]
+    folders = pack_hdf5(path, tmp_path, levels=levels)
+    packed = {level: PackedLevel.open(folders[level]) for level in levels}
+    in_memory = {data.level: data for data in read_dataset(path) if data.level in levels}
+    for level in levels:
+        assert geometry_keys(packed[level]) == geometry_keys(in_memory[level])
+    assert len(set(geometry_keys(in_memory["ccsd(t)/cbs"])) & set(geometry_keys(in_memory["wb97x/6-31g(d)"]))) == 6
+    anchor = EnergyReference.fit(in_memory["wb97x/6-31g(d)"], HCNO)
+    from_packed = EnergyReference.fit_anchored(packed["ccsd(t)/cbs"], HCNO, anchor, packed["wb97x/6-31g(d)"])
+    from_memory = EnergyReference.fit_anchored(in_memory["ccsd(t)/cbs"], HCNO, anchor, in_memory["wb97x/6-31g(d)"])
+    np.testing.assert_array_equal(from_packed.energy_per_element_ev, from_memory.energy_per_element_ev)
