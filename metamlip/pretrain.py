@@ -15,6 +15,7 @@ from metamlip.data.sources import read_sources
 from metamlip.errors import InputError
 from metamlip.evaluation.metrics import evaluate
 from metamlip.experiment.config import PretrainConfig
+from metamlip.levels import normalise_level
 from metamlip.model.potential import Potential
 from metamlip.strategies import PretrainBudget, Strategy, get_strategy
 from metamlip.training.checkpoint import save_checkpoint
@@ -74,7 +75,7 @@ def pretraining_tasks(
     strategy: Strategy, model: Potential, splits: dict[str, LevelSplit], reference_anchors: dict[str, str]
 ) -> list[Task]:
     """Register the strategy's levels on `model` (`level_reference`, head) and return their tasks."""
-    check_reference_anchors(reference_anchors, splits)
+    reference_anchors = checked_reference_anchors(reference_anchors, splits)
     trained_splits = strategy.pretraining_splits(splits)
     for index, level in enumerate(trained_splits):
         model.add_level(level_reference(level, splits, model.species, reference_anchors), strategy.head_for_level(level, index))
@@ -92,14 +93,17 @@ def level_reference(level: str, splits: dict[str, LevelSplit], elements: list[in
     return EnergyReference.fit_anchored(splits[level].train, elements, anchor_reference, splits[anchor].train)
 
 
-def check_reference_anchors(reference_anchors: dict[str, str], splits: dict[str, LevelSplit]) -> None:
-    """InputError naming the key when an anchored level or its anchor is not read, or an anchor has one itself."""
+def checked_reference_anchors(reference_anchors: dict[str, str], splits: dict[str, LevelSplit]) -> dict[str, str]:
+    """`pretrain.reference_anchors` with normalised level names; InputError naming the key when an
+    anchored level or its anchor is not read, or an anchor has one itself."""
+    reference_anchors = {normalise_level(level): normalise_level(anchor) for level, anchor in reference_anchors.items()}
     for level, anchor in reference_anchors.items():
         for name in (level, anchor):
             if name not in splits:
                 raise InputError(f"pretrain.reference_anchors: level {name!r} is not among the pre-training levels {sorted(splits)}")
         if anchor in reference_anchors:
             raise InputError(f"pretrain.reference_anchors: the anchor {anchor!r} of {level!r} is anchored itself; an anchor fits its own reference")
+    return reference_anchors
 
 
 def pretraining_summary(
@@ -136,8 +140,7 @@ def run_pretraining(config: PretrainConfig, resume: bool = False) -> Path:
     settings = training_settings(config.pretrain.training)
     run_dir = Path(config.output_dir)
     budget = config.pretrain.budget()
-    anchors = config.pretrain.normalised_reference_anchors()
-    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume, anchors)
+    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume, config.pretrain.reference_anchors)
     path = run_dir / "model.pt"
     summary = pretraining_summary(strategy, model, splits, result, budget)
     if distributed.is_main_process():

@@ -22,7 +22,7 @@ from metamlip.data.references import EnergyReference, geometry_keys
 from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.potential import Potential, build_potential
-from metamlip.pretrain import check_reference_anchors, pretraining_tasks
+from metamlip.pretrain import checked_reference_anchors, pretraining_tasks
 from metamlip.readers import read_dataset, read_level
 from metamlip.strategies import get_strategy
 from metamlip.training.refit import refit_reference
@@ -213,9 +213,9 @@ def test_pretraining_registers_anchored_references_and_checks_the_anchors(ani1x_
     np.testing.assert_array_equal(model.references["ccsd(t)/cbs"].energy_per_element_ev, expected.energy_per_element_ev)
     np.testing.assert_array_equal(model.references["mp2/cc-pvdz"].energy_per_element_ev, EnergyReference.fit(splits["mp2/cc-pvdz"].train, HCNO).energy_per_element_ev)
     with pytest.raises(InputError, match=r"pretrain.reference_anchors: level 'hf/cc-pvdz' is not among the pre-training levels"):
-        check_reference_anchors({"ccsd(t)/cbs": "hf/cc-pvdz"}, splits)
+        checked_reference_anchors({"ccsd(t)/cbs": "hf/cc-pvdz"}, splits)
     with pytest.raises(InputError, match=r"the anchor 'mp2/cc-pvdz' of 'ccsd\(t\)/cbs' is anchored itself"):
-        check_reference_anchors({"ccsd(t)/cbs": "mp2/cc-pvdz", "mp2/cc-pvdz": "wb97x/6-31g(d)"}, splits)
+        checked_reference_anchors({"ccsd(t)/cbs": "mp2/cc-pvdz", "mp2/cc-pvdz": "wb97x/6-31g(d)"}, splits)
 
 
 def test_packed_levels_give_the_same_geometry_keys_and_anchored_reference(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metamlip.config import DataSource, ModelSection, TrainingSection
-from metamlip.levels import normalise_level
 from metamlip.strategies import PretrainBudget, ReptileSettings
 
 
@@ -28,9 +27,6 @@ class PretrainSection:
     training: TrainingSection = field(default_factory=TrainingSection)
     reptile: ReptileSettings = field(default_factory=ReptileSettings)
     reference_anchors: dict[str, str] = field(default_factory=dict)
-
-    def normalised_reference_anchors(self) -> dict[str, str]:
-        return {normalise_level(level): normalise_level(anchor) for level, anchor in self.reference_anchors.items()}
 
     def budget(self) -> PretrainBudget:
         return PretrainBudget(

@@ -33,7 +33,7 @@ from metamlip.finetune import FinetuneOptions, finetune
 from metamlip.levels import level_slug, normalise_level
 from metamlip.model.potential import Potential
 from metamlip.parent_watch import end_with_parent, stop_pool
-from metamlip.pretrain import check_reference_anchors, pretrain, pretraining_summary
+from metamlip.pretrain import checked_reference_anchors, pretrain, pretraining_summary
 from metamlip.strategies import META_LEARNERS, SINGLE_LEVEL_PREFIX, Strategy, get_strategy
 from metamlip.training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from metamlip.training.loop import CHECKPOINT_NAME
@@ -232,8 +232,7 @@ def pretrained_model(
     resume = (run_dir / CHECKPOINT_NAME).exists()
     if resume:
         log.info("%s: resuming the stopped pre-training in %s", strategy.name, run_dir)
-    anchors = config.pretrain.normalised_reference_anchors()
-    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume, anchors)
+    model, result = pretrain(strategy, splits, elements, config.model, settings, budget, run_dir, resume, config.pretrain.reference_anchors)
     summary = pretraining_summary(strategy, model, splits, result, budget)
     save_checkpoint(path, model, extra={"strategy": strategy.name, "pretraining": json.dumps(summary)})
     log.info("%s: pre-trained in %.0f s (%s)", strategy.name, summary["wall_seconds"], summary["stop_reason"])
@@ -274,7 +273,7 @@ def pretraining_data(config: ExperimentConfig, levels: dict[str, LevelData]) -> 
     target_level = normalise_level(config.target_level)
     pretraining_levels = {level: dataset for level, dataset in levels.items() if level != target_level}
     pretrain_splits = validation_splits(pretraining_levels, config.pretrain.validation_fraction, config.split_seed)
-    check_reference_anchors(config.pretrain.normalised_reference_anchors(), pretrain_splits)
+    checked_reference_anchors(config.pretrain.reference_anchors, pretrain_splits)  # fails here, before any training
     return pretrain_splits, sorted({z for dataset in levels.values() for z in dataset.elements})
 
 
