@@ -36,7 +36,7 @@ from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.mace_config import MaceConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_level
-from metamlip.training.loop import train_steps
+from metamlip.training.loop import adam_optimizer, train_steps
 from metamlip.training.loss import LossWeights
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -96,7 +96,7 @@ def batches_on(device: torch.device, batcher: StructureBatcher, batch_size: int,
 
 def measure(model: Potential, batches: list[Batch], steps: int, repeats: int, device: torch.device) -> dict[str, object]:
     """Training and inference throughput of `model` on `batches` (already on the device)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as the training loop makes it
+    optimizer = adam_optimizer(model.parameters(), 1e-4)
     weights = LossWeights()
     chosen = [batches[i % len(batches)] for i in range(steps)]
 

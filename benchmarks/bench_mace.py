@@ -48,7 +48,7 @@ from metamlip.model.mace import default_dtype
 from metamlip.model.mace_config import MaceConfig, MaceSection
 from metamlip.model.potential import SHARED_HEAD, Potential, build_potential
 from metamlip.readers import read_level
-from metamlip.training.loop import train_steps
+from metamlip.training.loop import adam_optimizer, train_steps
 from metamlip.training.loss import LossWeights
 
 with warnings.catch_warnings():  # e3nn's TorchScript deprecation warnings; mace-torch after metamlip (see metamlip.model.mace)
@@ -165,7 +165,7 @@ def feature_difference(
 
 def metamlip_side(potential: Potential, train: list[Batch], inference: list[Batch], steps: int) -> Side:
     """metamlip's training (its `train_steps`, fused Adam as its loop makes) and inference."""
-    optimizer = torch.optim.Adam(potential.parameters(), lr=1e-4, fused=True)
+    optimizer = adam_optimizer(potential.parameters(), 1e-4)
     weights = LossWeights()
 
     def training() -> None:

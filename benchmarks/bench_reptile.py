@@ -26,7 +26,7 @@ from metamlip.config import ModelSection
 from metamlip.datasets import load_bundled
 from metamlip.pretrain import pretraining_tasks
 from metamlip.strategies import PretrainBudget, ReptileSettings, get_strategy
-from metamlip.training.loop import TrainingSettings
+from metamlip.training.loop import TrainingSettings, adam_optimizer
 from metamlip.training.run_training import new_potential, validation_splits
 
 
@@ -68,7 +68,7 @@ def deepcopy_state_seconds(levels, batch_size: int) -> float:
     """Seconds of one `copy.deepcopy(optimizer.state_dict())` of the same model after some Adam steps."""
     seconds, _, _ = timed_epoch("joint", levels, 5, 1, batch_size)  # warm
     model = new_potential(ModelSection(n_features=64, n_sensitivities=16, n_atom_layers=3, cutoff_angstrom=5.5), [1, 6, 8])
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    optimizer = adam_optimizer(model.parameters(), 1e-3)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()

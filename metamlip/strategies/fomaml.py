@@ -24,7 +24,7 @@ from metamlip.model.potential import Potential
 from metamlip.strategies.base import PretrainBudget
 from metamlip.strategies.reptile import MetaEpochs, copy_into_parameters, loss_totals, losses_from_totals, mean_losses, this_process_tasks
 from metamlip.strategies.reptile_strategy import Reptile
-from metamlip.training.loop import EpochPlan, Task, TrainingSettings, train_steps
+from metamlip.training.loop import EpochPlan, Task, TrainingSettings, adam_optimizer, train_steps
 from metamlip.training.loss import batch_loss
 
 
@@ -33,7 +33,7 @@ class FomamlEpochs(MetaEpochs):
     """FOMAML epochs: the loop's optimiser is the outer one; the inner one is plain SGD."""
 
     def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
-        return torch.optim.Adam(parameters, lr=settings.learning_rate, fused=True)
+        return adam_optimizer(parameters, settings.learning_rate)
 
     def run_epoch(self, model: Potential, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
         parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]

@@ -33,7 +33,7 @@ from metamlip import distributed
 from metamlip.data.batching import Batch
 from metamlip.errors import InputError
 from metamlip.model.potential import Potential
-from metamlip.training.loop import Task, TrainingSettings, endless_batches, sample_task_order, train_steps
+from metamlip.training.loop import Task, TrainingSettings, adam_optimizer, endless_batches, sample_task_order, train_steps
 
 LOSS_NAMES = ("loss", "energy_mse_per_atom_ev2", "force_mse_ev2_per_angstrom2")
 
@@ -108,7 +108,7 @@ class ReptileEpochs(MetaEpochs):
     def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
         if self.reptile.inner_optimizer == "sgd":
             return torch.optim.SGD(parameters, lr=self.reptile.inner_learning_rate)
-        return torch.optim.Adam(parameters, lr=self.reptile.inner_learning_rate, fused=True)
+        return adam_optimizer(parameters, self.reptile.inner_learning_rate)
 
     def run_epoch(self, model: Potential, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
         parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]

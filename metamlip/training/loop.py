@@ -128,6 +128,12 @@ def train_steps(
     return means
 
 
+def adam_optimizer(parameters: Iterable[torch.nn.Parameter], learning_rate: float) -> torch.optim.Adam:
+    """The Adam of every training loop: fused, one kernel for all weights (torch's default on CPU
+    runs a loop of small kernels per weight; BENCHMARKS.md measures the difference)."""
+    return torch.optim.Adam(parameters, lr=learning_rate, fused=True)
+
+
 def endless_batches(batcher: StructureBatcher, batch_size: int, seed: int | tuple[int, ...]) -> Iterator[Batch]:
     """Shuffled passes over a dataset, one after another, each pass with its own seed."""
     seed = seed if isinstance(seed, tuple) else (seed,)
@@ -172,7 +178,7 @@ class MixedBatchEpochs:
     parallel_model: DistributedDataParallel | None = field(default=None, init=False, repr=False)
 
     def make_optimizer(self, parameters: list[torch.nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
-        return torch.optim.Adam(parameters, lr=settings.learning_rate, fused=True)
+        return adam_optimizer(parameters, settings.learning_rate)
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         generator = np.random.default_rng([self.settings.seed, epoch])
