@@ -207,3 +207,25 @@ def test_pretraining_cache_key_follows_file_contents_not_folders(tmp_path, data_
     content[-1] ^= 1
     copy.write_bytes(bytes(content))
     assert pretrain_cache_key(config, joint, [1, 6, 8]) != key
+
+
+def test_backbone_table_pairs_two_runs_draw_by_draw(finished, tmp_path):
+    """scripts/backbone_table.py: the second run's error / the first's on the same draws, per strategy."""
+    import subprocess
+    import sys
+
+    path, results = finished
+    first = Path(load_config(path, ExperimentConfig).output_dir) / "results.json"
+    second = json.loads(first.read_text())
+    for run in second["runs"]:
+        if run["strategy"] == "joint":
+            run["test"] = {key: 2 * value if key.endswith("_ev") or key.endswith("_angstrom") else value for key, value in run["test"].items()}
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    script = Path(__file__).parents[1] / "scripts" / "backbone_table.py"
+    printed = subprocess.run(
+        [sys.executable, str(script), f"a={first}", f"b={tmp_path / 'second.json'}"], capture_output=True, text=True, check=True
+    ).stdout
+    rows = {line.split(" | ")[0].strip("| "): line for line in printed.splitlines() if line.startswith("| ") and "strategy" not in line}
+    assert "### N = 4, E MAE (meV)" in printed  # the smallest N by default
+    assert rows["joint"].endswith("| 2.00 [2.00, 2.00] |") and rows["scratch"].endswith("| 1.00 [1.00, 1.00] |")
+    assert sum(line.startswith("- a: scratch / ") for line in printed.splitlines()) == 2  # energy and forces

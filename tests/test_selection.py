@@ -159,7 +159,10 @@ def test_selection_scores_are_kept_by_the_contents_of_the_data_not_its_path(tmp_
 
 @pytest.mark.parametrize(
     "name",
-    ["demo_ethanol.yaml", "ethanol_study.yaml", "methyl_formate_study.yaml", "methyl_formate_ccsdt_study.yaml", "organic_paracetamol_study.yaml"],
+    [
+        "demo_ethanol.yaml", "demo_ethanol_mace.yaml", "ethanol_study.yaml", "methyl_formate_study.yaml",
+        "methyl_formate_mace_study.yaml", "methyl_formate_ccsdt_study.yaml", "organic_paracetamol_study.yaml",
+    ],
 )
 def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
     from metamlip.experiment.run import check_strategies, read_selection
@@ -171,6 +174,26 @@ def test_shipped_experiment_configs_are_valid_and_declare_their_target(name):
     assert len(non_target_sources(config)) == len(config.datasets) - 1  # select never opens the target's file
     assert selection["target_level_read"] is False and selection["proxy_levels"] == ["hf/6-31g(d)", "b3lyp/6-31g(d)"]
     assert config.strategy_settings["reptile"]["pretrain.reptile.inner_steps"] == 3  # the choice of the shipped selection
+
+
+@pytest.mark.parametrize(
+    ("mace_name", "hipnn_name"), [("demo_ethanol_mace.yaml", "demo_ethanol.yaml"), ("methyl_formate_mace_study.yaml", "methyl_formate_study.yaml")]
+)
+def test_mace_comparison_configs_differ_from_their_hipnn_runs_only_in_the_model(mace_name, hipnn_name):
+    """The strategies x backbones table pairs the two runs draw by draw: same data, strategies,
+    selected settings, budgets and fine-tuning protocol; only the model (and the demo's number of
+    draws, and the output folder) may differ."""
+    import dataclasses
+
+    configs = Path(__file__).parents[1] / "metamlip" / "configs"
+    mace = load_config(configs / mace_name, ExperimentConfig)
+    hipnn = load_config(configs / hipnn_name, ExperimentConfig)
+    assert mace.model.backbone == "mace" and hipnn.model.backbone == "hipnn"
+    for field in dataclasses.fields(ExperimentConfig):
+        if field.name not in ("model", "finetune", "output_dir"):
+            assert getattr(mace, field.name) == getattr(hipnn, field.name), field.name
+    assert dataclasses.replace(mace.finetune, seeds=hipnn.finetune.seeds) == hipnn.finetune
+    assert mace.model.dtype == hipnn.model.dtype and mace.model.seed == hipnn.model.seed
 
 
 def spawned_workers(parent_pid: int, count: int = 2, timeout_s: float = 120.0) -> list[int]:
