@@ -42,6 +42,7 @@ part of a user's workflow (`scripts/` builds the bundled data sets). Runs go to 
 each; `--report-only` re-evaluates finished runs without training.
 
     python benchmarks/fidelity_mace.py [--seeds 0,1,2] [--n-train 50] [--epochs 150] [--jobs 2]
+    python benchmarks/fidelity_mace.py --sides mace-torch --mace-torch-scaling no_scaling --work-dir runs/fidelity_mace_no_scaling
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--num-channels", type=int, default=MaceSection.num_channels)
     parser.add_argument("--dtype", choices=("float32", "float64"), default=Recipe.dtype)
     parser.add_argument("--sides", default=",".join(SIDES), help="which trainings to run: mace-torch,metamlip")
+    parser.add_argument(
+        "--mace-torch-scaling", choices=("rms_forces_scaling", "no_scaling"), default="rms_forces_scaling",
+        help="mace-torch's --scaling (its default rms_forces_scaling; no_scaling removes one of the known differences, an ablation)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
     parser.add_argument("--work-dir", type=Path, default=REPOSITORY / "runs" / "fidelity_mace")
     parser.add_argument("--report-only", action="store_true", help="evaluate finished runs, train nothing")
@@ -154,8 +159,8 @@ def average_neighbours(structures: list[Atoms], r_max: float) -> float:
     return float(np.concatenate(counts).mean())
 
 
-def mace_command(recipe: Recipe, seed: int, paths: dict[str, Path], run_dir: Path) -> list[str]:
-    """mace-torch's training script with every shared hyperparameter explicit."""
+def mace_command(recipe: Recipe, seed: int, paths: dict[str, Path], run_dir: Path, scaling: str) -> list[str]:
+    """mace-torch's training script with every shared hyperparameter explicit, and its `--scaling`."""
     shape = recipe.mace
     return [
         sys.executable, "-m", "mace.cli.run_train",
@@ -163,7 +168,7 @@ def mace_command(recipe: Recipe, seed: int, paths: dict[str, Path], run_dir: Pat
         "--default_dtype", recipe.dtype,
         "--train_file", str(paths["train"]), "--valid_file", str(paths["valid"]), "--test_file", str(paths["test"]),
         "--energy_key", ENERGY_KEY, "--forces_key", FORCES_KEY, "--E0s", "average",
-        "--model", "MACE", "--interaction_first", "RealAgnosticInteractionBlock",
+        "--model", "MACE", "--interaction_first", "RealAgnosticInteractionBlock", "--scaling", scaling,
         "--num_channels", str(shape.num_channels), "--max_L", str(shape.max_L), "--max_ell", str(shape.max_ell),
         "--correlation", str(shape.correlation), "--num_interactions", str(shape.num_interactions),
         "--num_radial_basis", str(shape.num_bessel), "--num_cutoff_basis", str(shape.num_polynomial_cutoff),
@@ -206,7 +211,7 @@ def training_jobs(recipe: Recipe, arguments: argparse.Namespace, paths: dict[str
             run_dir = arguments.work_dir / f"{side}_seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             if side == "mace-torch":
-                command = mace_command(recipe, seed, paths, run_dir)
+                command = mace_command(recipe, seed, paths, run_dir, arguments.mace_torch_scaling)
             else:
                 config_path = run_dir / "config.yaml"
                 config_path.write_text(yaml.safe_dump(metamlip_config(recipe, seed, arguments, run_dir)))
