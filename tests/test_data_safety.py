@@ -348,3 +348,26 @@ def test_evaluate_names_the_energy_key_flag(checkpoint, data_dir, capsys):
     code, error = run_cli(capsys, "evaluate", str(checkpoint), str(data_dir / "qm7b_mp2_ccsd.xyz"), "--data-level", "mp2",
                           "--energy-key", "MP2_energy_Ha", "--energy-unit", "hartree")
     assert_one_line(code, error, "qm7b_mp2_ccsd.xyz", "atomic number")  # read with the key; the model lacks N and S
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_nothing_else(tmp_path):
+    """Every JSON and checkpoint metamlip writes goes through `metamlip.atomic_files`: a write that
+    stops half way (here: an exception after some bytes) leaves the previous file whole."""
+    import json
+
+    from metamlip.atomic_files import write_atomically, write_json_atomically
+
+    path = tmp_path / "scores" / "result.json"
+    write_json_atomically(path, {"score": 1.0})
+    assert json.loads(path.read_text()) == {"score": 1.0}
+
+    def half_then_fail(stream):
+        stream.write(b'{"score": 2.')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, half_then_fail)
+    with pytest.raises(TypeError):
+        write_json_atomically(path, {"score": object()})  # not serialisable: fails before any file is opened
+    assert json.loads(path.read_text()) == {"score": 1.0}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]

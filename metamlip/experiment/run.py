@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from metamlip import __version__
+from metamlip.atomic_files import write_json_atomically
 from metamlip.config import DataSource, from_mapping, set_dotted_key
 from metamlip.data.lazy_batching import LevelData, make_batcher
 from metamlip.data.sources import read_sources
@@ -325,7 +326,7 @@ def run_pretraining_only(config: ExperimentConfig) -> dict[str, dict]:
     names = strategy_names(config)
     jobs = [(config, splits, elements, name) for name in names]
     summaries = dict(zip(names, map_in_workers(pretrain_strategy, jobs, config.workers, config.threads, out_dir)))
-    (out_dir / "pretraining.json").write_text(json.dumps(summaries, indent=1) + "\n", encoding="utf-8")
+    write_json_atomically(out_dir / "pretraining.json", summaries)
     (out_dir / "pretraining.md").write_text("\n".join(pretraining_section({"pretraining": summaries})), encoding="utf-8")
     return summaries
 
@@ -355,7 +356,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
         "claim": [c for metric in metrics for c in claim_check(records, META_LEARNERS, metric)],
         "runs": [record.to_dict() for record in records],
     }
-    (Path(config.output_dir) / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_json_atomically(Path(config.output_dir) / "results.json", results, indent=2)
     write_report(config, results, records, data.scan_references)
     return results
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from metamlip.atomic_files import write_json_atomically
 from metamlip.config import from_mapping
 from metamlip.data.lazy_batching import LevelData
 from metamlip.data.sources import read_sources
@@ -86,8 +87,7 @@ def score_strategy(config: ExperimentConfig, levels: dict[str, LevelData], strat
             errors, score, failure = [], None, str(error)
             log.info("%s %s: diverged (%s)", strategy, point, failure)
         item = {"strategy": strategy, "settings": point, "score_energy_mae_ev": score, "diverged": failure, "runs": errors}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(item, indent=2), encoding="utf-8")
+        write_json_atomically(path, item, indent=2)  # a cache read back by later runs: never half written
         scored.append(item)
     return scored
 
@@ -130,7 +130,7 @@ def run_selection(config: ExperimentConfig, out_dir: str | Path) -> dict:
             raise InputError(f"selection: every grid point of {scored[0]['strategy']!r} diverged; see {out_dir / 'scores'}")
         chosen[scored[0]["strategy"]] = min(finite, key=lambda item: item["score_energy_mae_ev"])["settings"]
     results = {"proxy_levels": proxies, "target_level_read": False, "chosen": chosen, "scores": [item for scored in per_strategy for item in scored]}
-    (out_dir / "selection.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_json_atomically(out_dir / "selection.json", results, indent=2)
     (out_dir / "selected.yaml").write_text(yaml.safe_dump({"strategy_settings": chosen}, sort_keys=False), encoding="utf-8")
     return results
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import ase.io
 import numpy as np
 from ase import Atoms
 
+from metamlip.atomic_files import write_json_atomically
 from metamlip.errors import InputError
 
 FORMAT = "metamlip-label-output"
@@ -81,9 +81,7 @@ def claim_output(out_path: str | Path, label_input: LabelInput) -> None:
     if out_path.exists() and out_path.stat().st_size > 0:
         _check_record(out_path, label_input)
     record = input_record_path(out_path)
-    temporary = record.with_name(record.name + ".tmp")
-    temporary.write_text(json.dumps({"format": FORMAT, "version": VERSION, **asdict(label_input)}, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, record)
+    write_json_atomically(record, {"format": FORMAT, "version": VERSION, **asdict(label_input)})
 
 
 def _check_record(out_path: Path, label_input: LabelInput) -> None:

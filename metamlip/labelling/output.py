@@ -11,7 +11,6 @@ frame at the end, which `completed_indices` cuts off before resuming (only after
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from metamlip.atomic_files import write_json_atomically
 from metamlip.errors import InputError
 from metamlip.labelling.calculation import Label
 
@@ -108,6 +108,4 @@ def write_failures(out_path: str | Path, failures: dict[int, str]) -> None:
         path.unlink(missing_ok=True)
         return
     records = [{"index": index, "reason": failures[index]} for index in sorted(failures)]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json_atomically(path, records)

@@ -7,13 +7,12 @@ are read from the checkpoint itself (the pre-training summary that `metamlip exp
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from ase.data import chemical_symbols
 
+from metamlip.atomic_files import write_json_atomically
 from metamlip.errors import InputError
 from metamlip.pretrained import CARD_KEYS, SHIPPED_FOLDER
 from metamlip.training.checkpoint import atomic_torch_save, model_from_checkpoint, read_checkpoint
@@ -65,10 +64,7 @@ def ship(checkpoint: str | Path, name: str, folder: str | Path = SHIPPED_FOLDER,
     card = {"name": name} | card_from_checkpoint(payload, checkpoint, **prose)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(payload | {"training_state": None}, folder / f"{name}.pt")
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.json.", suffix=".tmp", dir=folder)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(json.dumps(card, indent=1) + "\n")
-    os.replace(temporary, folder / f"{name}.json")
+    write_json_atomically(folder / f"{name}.json", card)
     for path in (folder / f"{name}.pt", folder / f"{name}.json"):
         path.chmod(0o644)  # package data: readable by every user of an installation
     return card

@@ -7,13 +7,12 @@ Written atomically (temporary file in the same folder, fsync, rename), and loade
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from metamlip import __version__
+from metamlip.atomic_files import write_atomically
 from metamlip.errors import InputError
 from metamlip.model.potential import Potential
 
@@ -28,18 +27,7 @@ UNITS = {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
 
 def atomic_torch_save(payload: dict, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda stream: torch.save(payload, stream))
 
 
 def save_checkpoint(path: str | Path, model: Potential, training_state: dict | None = None, extra: dict | None = None) -> None:

@@ -4,7 +4,7 @@ A folder holds a finished run when it has `model.pt`, a resumable one when it ha
 `checkpoint.pt`. `claim_run_dir` refuses such a folder unless the caller resumes or
 overwrites; `prepare_run_dir` creates the folder and removes the temporary files an
 atomic write leaves when the process is killed mid-write (`.NAME.*.tmp`,
-`metamlip.training.checkpoint.atomic_torch_save`).
+`metamlip.atomic_files.write_atomically`).
 """
 
 from __future__ import annotations
