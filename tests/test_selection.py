@@ -196,6 +196,29 @@ def test_mace_comparison_configs_differ_from_their_hipnn_runs_only_in_the_model(
     assert mace.model.dtype == hipnn.model.dtype and mace.model.seed == hipnn.model.seed
 
 
+def test_a_proxy_that_anchors_other_levels_takes_them_out_of_its_pretraining(tmp_path):
+    """On the organic study, four levels' references are anchored to wB97X/6-31G(d): with that level as
+    a proxy target they leave its pre-training (their references would be fitted on its energies), and
+    no anchor names a level that is not pre-trained; other proxies keep every anchor they can."""
+    from metamlip.experiment.selection import proxy_config
+    from metamlip.levels import normalise_level
+    from metamlip.pretrain import checked_reference_anchors
+
+    config = load_config(Path(__file__).parents[1] / "metamlip" / "configs" / "organic_paracetamol_study.yaml", ExperimentConfig)
+    anchored = {"wb97x/def2-tzvpp", "hf/cc-pvdz", "mp2/cc-pvdz", "ccsd(t)/cbs"}
+    proxy = proxy_config(config, "wb97x/6-31g(d)", "joint", {}, tmp_path)
+    assert set(proxy.pretrain_levels) == set(config.pretrain_levels) - anchored - {"wb97x/6-31g(d)"}
+    assert proxy.pretrain.reference_anchors == {}
+    proxy = proxy_config(config, "mp2/cc-pvdz", "joint", {}, tmp_path)  # an anchored level as the proxy: its own anchor goes
+    assert set(proxy.pretrain.reference_anchors) == anchored - {"mp2/cc-pvdz"}
+    assert set(proxy.pretrain_levels) == set(config.pretrain_levels) - {"mp2/cc-pvdz"}
+    proxy = proxy_config(config, "pbe0+mbd", "joint", {}, tmp_path)
+    assert proxy.pretrain.reference_anchors == config.pretrain.reference_anchors
+    for level in ("wb97x/6-31g(d)", "mp2/cc-pvdz", "pbe0+mbd"):  # every anchor of a proxy run names two of its levels
+        proxy = proxy_config(config, level, "joint", {}, tmp_path)
+        checked_reference_anchors(proxy.pretrain.reference_anchors, {normalise_level(name): None for name in proxy.pretrain_levels})
+
+
 def spawned_workers(parent_pid: int, count: int = 2, timeout_s: float = 120.0) -> list[int]:
     """Process ids of the multiprocessing spawn workers of `parent_pid`, once `count` of them run."""
     import time

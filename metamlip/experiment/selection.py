@@ -48,12 +48,19 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def proxy_config(config: ExperimentConfig, proxy: str, strategy: str, point: dict, out_dir: Path) -> ExperimentConfig:
-    """The experiment in which `proxy` is the target and the other pre-training levels pre-train."""
+    """The experiment in which `proxy` is the target and the other pre-training levels pre-train.
+    A level whose energy reference is anchored to the proxy (`pretrain.reference_anchors`) is left
+    out with it: its reference would be fitted on the proxy's energies, the proxy target's data."""
     selection = config.selection
+    anchors = {level: anchor for level, anchor in config.pretrain.reference_anchors.items() if normalise_level(anchor) != proxy}
+    left_out = {proxy} | {normalise_level(level) for level in set(config.pretrain.reference_anchors) - set(anchors)}
+    if len(left_out) > 1:
+        log.info("proxy %s: %s left out of its pre-training (their energy references are anchored to it)", proxy, sorted(left_out - {proxy}))
     mapping = asdict(config)
+    mapping["pretrain"]["reference_anchors"] = {level: anchor for level, anchor in anchors.items() if normalise_level(level) != proxy}
     mapping.update(
         target_level=proxy,
-        pretrain_levels=[level for level in config.pretrain_levels if normalise_level(level) != proxy],
+        pretrain_levels=[level for level in config.pretrain_levels if normalise_level(level) not in left_out],
         strategies=[strategy],
         strategy_settings={strategy: point} if point else {},
         n_test=selection.n_test,
