@@ -52,12 +52,13 @@ def proxy_config(config: ExperimentConfig, proxy: str, strategy: str, point: dic
     A level whose energy reference is anchored to the proxy (`pretrain.reference_anchors`) is left
     out with it: its reference would be fitted on the proxy's energies, the proxy target's data."""
     selection = config.selection
-    anchors = {level: anchor for level, anchor in config.pretrain.reference_anchors.items() if normalise_level(anchor) != proxy}
-    left_out = {proxy} | {normalise_level(level) for level in set(config.pretrain.reference_anchors) - set(anchors)}
-    if len(left_out) > 1:
-        log.info("proxy %s: %s left out of its pre-training (their energy references are anchored to it)", proxy, sorted(left_out - {proxy}))
+    anchors = config.pretrain.reference_anchors
+    anchored_to_proxy = {normalise_level(level) for level, anchor in anchors.items() if normalise_level(anchor) == proxy}
+    if anchored_to_proxy:
+        log.info("proxy %s: %s left out of its pre-training (their energy references are anchored to it)", proxy, sorted(anchored_to_proxy))
+    left_out = {proxy} | anchored_to_proxy
     mapping = asdict(config)
-    mapping["pretrain"]["reference_anchors"] = {level: anchor for level, anchor in anchors.items() if normalise_level(level) != proxy}
+    mapping["pretrain"]["reference_anchors"] = {level: anchor for level, anchor in anchors.items() if normalise_level(level) not in left_out}
     mapping.update(
         target_level=proxy,
         pretrain_levels=[level for level in config.pretrain_levels if normalise_level(level) not in left_out],
