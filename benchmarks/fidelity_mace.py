@@ -42,6 +42,7 @@ part of a user's workflow (`scripts/` builds the bundled data sets). Runs go to 
 each; `--report-only` re-evaluates finished runs without training.
 
     python benchmarks/fidelity_mace.py [--seeds 0,1,2] [--n-train 50] [--epochs 150] [--jobs 2]
+    python benchmarks/fidelity_mace.py --n-train 950 --n-valid 50 --n-test 1000 --num-channels 16 --max-ell 2 --correlation 2 --epochs 200 --scheduler-patience 15
     python benchmarks/fidelity_mace.py --sides mace-torch --mace-torch-scaling no_scaling --work-dir runs/fidelity_mace_no_scaling
 """
 
@@ -108,6 +109,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--energy-weight", type=float, default=Recipe.energy_weight)
     parser.add_argument("--forces-weight", type=float, default=Recipe.forces_weight)
     parser.add_argument("--num-channels", type=int, default=MaceSection.num_channels)
+    parser.add_argument("--max-ell", type=int, default=MaceSection.max_ell, help="spherical harmonics of the edges")
+    parser.add_argument("--correlation", type=int, default=MaceSection.correlation)
+    parser.add_argument("--scheduler-patience", type=int, default=Recipe.scheduler_patience,
+                        help="plateau epochs before the learning rate drops (both sides)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=Recipe.dtype)
     parser.add_argument("--sides", default=",".join(SIDES), help="which trainings to run: mace-torch,metamlip")
     parser.add_argument(
@@ -321,7 +326,9 @@ def report(results: dict[str, dict[int, dict]], recipe: Recipe, arguments: argpa
     """Side-by-side table per seed, mean and range per side, and the verdict on point 4's accuracy half."""
     lines = [(f"MD17 ethanol, split seed {arguments.split_seed}: {arguments.n_train} train / {arguments.n_valid} "
               f"validation / {arguments.n_test} test; {recipe.dtype}, {recipe.epochs} epochs, batch "
-              f"{recipe.batch_size}, lr {recipe.learning_rate}, w_E {recipe.energy_weight}, w_F {recipe.forces_weight}"),
+              f"{recipe.batch_size}, lr {recipe.learning_rate}, w_E {recipe.energy_weight}, w_F {recipe.forces_weight}, "
+              f"plateau patience {recipe.scheduler_patience}; MACE {recipe.mace.num_channels} channels, max_L "
+              f"{recipe.mace.max_L}, max_ell {recipe.mace.max_ell}, correlation {recipe.mace.correlation}"),
              "", ("| side | seed | energy MAE (meV) | force MAE (meV/A) | energy MAE, training offset removed (meV) | "
                   "tool's own test report E / F | wall (s) | load start/end |"), "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for side, by_seed in results.items():
@@ -361,11 +368,12 @@ def main() -> None:
                             arguments.n_test)  # fmt: skip
     paths = write_split(arguments.work_dir, indices)
     cutoff_angstrom = MaceSection().cutoff_angstrom
-    shape = MaceSection(num_channels=arguments.num_channels,
+    shape = MaceSection(num_channels=arguments.num_channels, max_ell=arguments.max_ell, correlation=arguments.correlation,
                         avg_num_neighbors=average_neighbours(md17_atoms(indices["train"]), cutoff_angstrom))
     recipe = Recipe(mace=shape, dtype=arguments.dtype, batch_size=arguments.batch_size,
                     learning_rate=arguments.lr, energy_weight=arguments.energy_weight,
-                    forces_weight=arguments.forces_weight, epochs=arguments.epochs)  # fmt: skip
+                    forces_weight=arguments.forces_weight, epochs=arguments.epochs,
+                    scheduler_patience=arguments.scheduler_patience)  # fmt: skip
     (arguments.work_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     if not arguments.report_only:
         run_jobs(training_jobs(recipe, arguments, paths), arguments.jobs)
