@@ -3,6 +3,7 @@ output, and bad input is one line naming the file, key, flag or index, on small 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -112,6 +113,19 @@ def test_pack_replaces_its_own_folder_but_not_foreign_files_or_links(data_dir, t
     before = files_under(elsewhere)
     assert_one_line(*run_cli(capsys, "pack", str(data_dir / COMP6), "--out", "out"), str(folder), "outside the output folder")
     assert files_under(elsewhere) == before
+
+
+def test_pack_after_a_kill_while_writing_meta_json_packs_again(data_dir, workplace, capsys):
+    """meta.json, written last, marks a folder complete and is written atomically: a pack killed while
+    writing it leaves the folder without it plus the writer's temporary file, which a rerun clears."""
+    assert run_cli(capsys, "pack", str(data_dir / COMP6), "--out", "out")[0] == 0
+    folder = Path("out", COMP6_FOLDER)
+    complete = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").unlink()
+    (folder / ".meta.json.k1ll3d_x.tmp").write_text('{"format": "metamlip-pa')
+    assert run_cli(capsys, "pack", str(data_dir / COMP6), "--out", "out")[0] == 0
+    assert json.loads((folder / "meta.json").read_text()) == complete
+    assert not list(folder.glob(".*.tmp"))
 
 
 def test_pack_into_another_levels_folder_of_an_earlier_run_is_an_error(data_dir, tmp_path, workplace, capsys):

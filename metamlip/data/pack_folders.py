@@ -71,7 +71,7 @@ def clear_level_folder(folder: Path, level: str, packed_files: set[str]) -> None
     if not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a folder; remove it or choose another output folder")
     entries = list(folder.iterdir())
-    foreign = [entry.name for entry in entries if entry.name not in packed_files or (entry.is_dir() and not entry.is_symlink())]
+    foreign = [entry.name for entry in entries if not _written_by_pack(entry.name, packed_files) or (entry.is_dir() and not entry.is_symlink())]
     if foreign:
         raise InputError(
             f"{folder}: holds {foreign[0]!r}, which `metamlip pack` does not write; remove it or choose another output folder"
@@ -79,6 +79,11 @@ def clear_level_folder(folder: Path, level: str, packed_files: set[str]) -> None
     _check_former_level(folder, level)
     for entry in entries:
         entry.unlink()
+
+
+def _written_by_pack(name: str, packed_files: set[str]) -> bool:
+    """A packed file, or the temporary file an atomic write of one leaves when killed (`.NAME.*.tmp`)."""
+    return name in packed_files or (name.endswith(".tmp") and any(name.startswith(f".{packed}.") for packed in packed_files))
 
 
 def _check_former_level(folder: Path, level: str) -> None:

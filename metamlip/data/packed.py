@@ -31,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from metamlip.atomic_files import write_json_atomically
 from metamlip.data.batching import _ranges
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.pack_folders import clear_level_folder, level_folder, prepare_output
@@ -101,7 +102,7 @@ class _LevelWriter:
             "n_structures": len(n_atoms), "n_atoms_total": int(offsets[-1]), "elements": sorted(self.elements),
             "has_forces": self.has_forces, "units": {"energy": "eV", "length": "Angstrom"},
         }
-        (self.folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        write_json_atomically(self.folder / "meta.json", meta)  # written last: it marks the folder complete
         return self.folder
 
 
