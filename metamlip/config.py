@@ -19,7 +19,7 @@ import yaml
 
 from metamlip.errors import InputError
 from metamlip.model.hipnn import HipnnConfig
-from metamlip.model.mace_config import MaceSection
+from metamlip.model.mace_config import LEVEL_EMBEDDING_PLACES, MaceSection
 from metamlip.model.new_species import NEW_ELEMENT_MODES
 from metamlip.pretrained import checkpoint_or_shipped
 
@@ -181,6 +181,10 @@ def _backbone(value: str) -> str:
     return "" if value in ("hipnn", "mace") else "must be hipnn or mace"
 
 
+def _level_embedding_place(value: str) -> str:
+    return "" if value in LEVEL_EMBEDDING_PLACES else f"must be one of {list(LEVEL_EMBEDDING_PLACES)}"
+
+
 def _new_elements(value: str) -> str:
     return "" if value in NEW_ELEMENT_MODES else f"must be one of {list(NEW_ELEMENT_MODES)}"
 
@@ -207,6 +211,7 @@ VALUE_RULES: dict[str, Callable[[Any], str]] = {
     "num_polynomial_cutoff": _positive,
     "radial_MLP": _positive,
     "avg_num_neighbors": _positive,
+    "level_embedding_into": _level_embedding_place,
     "max_epochs": _at_least_one,
     "max_wall_seconds": _positive,
     "gradient_steps": _at_least_one,

@@ -30,7 +30,7 @@ from metamlip.data.batching import StructureBatcher
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.finetune import FinetuneOptions, finetune
-from metamlip.model.mace_config import MaceConfig, MaceSection
+from metamlip.model.mace_config import LEVEL_EMBEDDING_PLACES, MaceConfig, MaceSection
 from metamlip.model.potential import Potential, build_potential
 from metamlip.pretrain import pretrain
 from metamlip.readers import read_level
@@ -79,9 +79,10 @@ def target() -> LevelSplit:
     return LevelSplit(level.subset(range(16)), level.subset(range(16, 24)), level.subset(range(0)))
 
 
-def mace_potential(ethanol, dtype: torch.dtype = torch.float64, n_level_features: int = 0) -> Potential:
+def mace_potential(ethanol, dtype: torch.dtype = torch.float64, n_level_features: int = 0, level_embedding_into: str = "node_embedding") -> Potential:
     """A random-weight MACE potential with the MD17 level's fitted reference."""
-    config = MaceConfig(**dataclasses.asdict(TINY_MACE), n_level_features=n_level_features)
+    shape = dataclasses.asdict(TINY_MACE) | {"level_embedding_into": level_embedding_into}
+    config = MaceConfig(**shape, n_level_features=n_level_features)
     model = build_potential([1, 6, 8], config, seed=0, dtype=dtype)
     model.add_level(EnergyReference.fit(ethanol.subset(np.arange(100)), model.species))
     return model
@@ -170,11 +171,43 @@ def test_features_are_mace_torch_own_model_features(model, ethanol):
 def test_mace_meets_the_model_contracts(model, ethanol):
     geometries = [ethanol.to_atoms(index) for index in (0, 777, 1999)]
     check_all_contracts(model, [geometries[1], molecule("H2O")], periodic=water_box(), level=MD17_LEVEL, seed=3)
-    embedded = mace_potential(ethanol, n_level_features=4)
-    embedded.add_level(EnergyReference("second", [1, 6, 8], np.zeros(3)))
-    check_all_contracts(embedded, [geometries[2]], level="second", seed=4)
-    first, second = (predict_structures(embedded, geometries[:1], level).residual_energy_ev for level in (MD17_LEVEL, "second"))
-    assert abs(first - second).max() > 1e-6  # the level vector enters the features
+    for place in LEVEL_EMBEDDING_PLACES:
+        embedded = mace_potential(ethanol, n_level_features=4, level_embedding_into=place)
+        embedded.add_level(EnergyReference("second", [1, 6, 8], np.zeros(3)))
+        check_all_contracts(embedded, [geometries[2]], level="second", seed=4)
+        first, second = (predict_structures(embedded, geometries[:1], level).residual_energy_ev for level in (MD17_LEVEL, "second"))
+        assert abs(first - second).max() > 1e-6, place  # the level vector enters the features
+
+
+@needs_mace
+def test_level_embedding_enters_the_node_embedding_or_every_block(ethanol):
+    """`node_embedding` (the default): the vector feeds the linear node embedding only, and the blocks'
+    per-element weights (product basis, skip connections) stay per species; `node_attributes`: it
+    joins every block's node attributes. The head reads species and vector in both."""
+    n_species, n_level = 3, 4
+    for place, block_attributes in (("node_embedding", n_species), ("node_attributes", n_species + n_level)):
+        backbone = mace_potential(ethanol, n_level_features=n_level, level_embedding_into=place).backbone
+        assert backbone.node_embedding.linear.irreps_in.dim == n_species + n_level
+        for interaction, product in zip(backbone.interactions, backbone.products):
+            assert interaction.node_attrs_irreps.dim == block_attributes, place
+            for contraction in product.symmetric_contractions.contractions:
+                assert contraction.weights_max.shape[0] == block_attributes, place
+        assert backbone.feature_sizes[0] == n_species + n_level
+
+
+@needs_mace
+def test_a_checkpoint_from_before_the_placement_key_keeps_its_placement(ethanol, tmp_path):
+    """MACE checkpoints written before `level_embedding_into` existed fed the level vector into every
+    block; loaded now, they build that model and predict what they did."""
+    original = mace_potential(ethanol, n_level_features=4, level_embedding_into="node_attributes")
+    save_checkpoint(tmp_path / "model.pt", original)
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    del payload["model"]["backbone"]["level_embedding_into"]
+    torch.save(payload, tmp_path / "older.pt")
+    loaded = load_potential(tmp_path / "older.pt")
+    assert loaded.config.level_embedding_into == "node_attributes"
+    frames = [ethanol.to_atoms(index) for index in (5, 500)]
+    np.testing.assert_allclose(predict_structures(loaded, frames).energy_ev, predict_structures(original, frames).energy_ev, rtol=1e-12)
 
 
 @needs_mace

@@ -277,6 +277,9 @@ BACKBONES = {
     "hipnn-level-embedding": HipnnConfig(n_features=12, n_sensitivities=6, n_interaction_layers=2, n_atom_layers=1, cutoff_angstrom=5.0, n_level_features=3),
     "mace": MaceConfig(**dataclasses.asdict(TINY_MACE)),
     "mace-level-embedding": MaceConfig(**dataclasses.asdict(TINY_MACE), n_level_features=3),
+    "mace-level-embedding-in-attributes": MaceConfig(
+        **(dataclasses.asdict(TINY_MACE) | {"level_embedding_into": "node_attributes"}), n_level_features=3
+    ),
 }
 
 
@@ -311,8 +314,8 @@ def test_added_elements_keep_the_old_weights_and_predictions(backbone, tmp_path)
 
 def assert_old_weights_kept(model: Potential, grown: Potential, old_positions: list[int]) -> None:
     """Every weight of `grown` equals `model`'s; along an input-attribute axis at `old_positions`
-    (e3nn fan-in-normalised pieces: times sqrt(new / old attributes))."""
-    index = torch.as_tensor(old_positions)
+    (as many of them as the axis had: species first; e3nn fan-in-normalised pieces: times
+    sqrt(new / old attributes))."""
     old_layout, new_layout = model.backbone.species_weights(), grown.backbone.species_weights()
     old_state, new_state = model.backbone.state_dict(), grown.backbone.state_dict()
     for name, new in new_state.items():
@@ -322,14 +325,14 @@ def assert_old_weights_kept(model: Potential, grown: Potential, old_positions: l
         for old_block, new_block in zip(old_layout[name], new_layout[name]):
             old_piece = old_state[name].reshape(-1)[old_block.offset : old_block.offset + np.prod(old_block.shape)].reshape(old_block.shape)
             new_piece = new.reshape(-1)[new_block.offset : new_block.offset + np.prod(new_block.shape)].reshape(new_block.shape)
-            kept = new_piece.index_select(new_block.axis, index)
+            kept = new_piece.index_select(new_block.axis, torch.as_tensor(old_positions[: old_block.shape[old_block.axis]]))
             if old_block.fan_in_scaled:
                 scale = (new_block.shape[new_block.axis] / old_block.shape[old_block.axis]) ** 0.5
                 torch.testing.assert_close(kept, old_piece * scale, rtol=1e-15, atol=0)
             else:
                 assert torch.equal(kept, old_piece), name
     for name, head in grown.heads.items():
-        assert torch.equal(head.layers[0].weight[:, index], model.heads[name].layers[0].weight), name
+        assert torch.equal(head.layers[0].weight[:, old_positions], model.heads[name].layers[0].weight), name
         for new, old in zip(head.layers[1:].parameters(), model.heads[name].layers[1:].parameters()):
             assert torch.equal(new, old), name
 

@@ -25,7 +25,8 @@ def backbone_config(name: str, values: dict) -> BackboneConfig:
     """The shape of backbone `name` from plain data (a checkpoint's model description)."""
     if name not in BACKBONE_CONFIGS:
         raise InputError(f"unknown backbone {name!r}; known: {sorted(BACKBONE_CONFIGS)}")
-    return BACKBONE_CONFIGS[name](**values)
+    kind = BACKBONE_CONFIGS[name]
+    return kind.from_dict(values) if kind is MaceConfig else kind(**values)
 
 
 def build_backbone(n_species: int, config: BackboneConfig) -> Backbone:

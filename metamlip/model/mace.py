@@ -1,8 +1,9 @@
 """MACE backbone (Batatia, Kovacs, Simm, Ortner, Csanyi, NeurIPS 2022), assembled from
 mace-torch's own blocks as mace-torch's `MACE` model wires them.
 
-The one-hot species (followed by the level embedding when the model has one) are the node
-attributes; a linear node embedding, Bessel radial features times a polynomial cutoff, spherical
+The one-hot species are the node attributes; a level embedding, when the model has one, joins
+them at the linear node embedding only or in every block (`MaceConfig.level_embedding_into`); a
+linear node embedding, Bessel radial features times a polynomial cutoff, spherical
 harmonics of the edge directions, then interaction + symmetric-product blocks (the first
 interaction without residual, as mace-torch's training script builds `MACE`). The backbone
 returns the node attributes and the scalar (0e) node features after every product block; the
@@ -71,25 +72,27 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class MaceBackbone(Backbone):
-    """MACE interaction and product blocks; features per block are the node attributes and the
-    scalar channels of each product block's output."""
+    """MACE interaction and product blocks; features per block are the node embedding's input
+    (one-hot species [and level embedding]) and the scalar channels of each product block's output."""
 
     def __init__(self, n_species: int, config: MaceConfig):
         super().__init__()
         self.config = config
         self.n_species = n_species
         with default_dtype(torch.float64):  # mace-torch's constants (Clebsch-Gordan U matrices) in full precision
-            self.build_blocks(n_species + config.n_level_features, config)
+            self.build_blocks(n_species, config)
         self.feature_sizes = [n_species + config.n_level_features] + [config.num_channels] * config.num_interactions
 
-    def build_blocks(self, n_attributes: int, config: MaceConfig) -> None:
+    def build_blocks(self, n_species: int, config: MaceConfig) -> None:
         """The node embedding, radial embedding, spherical harmonics, interactions and products."""
+        n_inputs = n_species + config.n_level_features  # the node embedding's input
+        n_attributes = n_inputs if config.level_embedding_into == "node_attributes" else n_species
         attribute_irreps = o3.Irreps([(n_attributes, SCALAR)])
         scalar_irreps = o3.Irreps([(config.num_channels, SCALAR)])
         hidden_irreps = (config.num_channels * o3.Irreps.spherical_harmonics(config.max_L)).sort().irreps.simplify()
         edge_irreps = o3.Irreps.spherical_harmonics(config.max_ell)
         message_irreps = (edge_irreps * config.num_channels).sort()[0].simplify()
-        self.node_embedding = LinearNodeEmbeddingBlock(irreps_in=attribute_irreps, irreps_out=scalar_irreps)
+        self.node_embedding = LinearNodeEmbeddingBlock(irreps_in=o3.Irreps([(n_inputs, SCALAR)]), irreps_out=scalar_irreps)
         self.radial_embedding = RadialEmbeddingBlock(
             r_max=config.cutoff_angstrom, num_bessel=config.num_bessel, num_polynomial_cutoff=config.num_polynomial_cutoff
         )
@@ -131,7 +134,7 @@ class MaceBackbone(Backbone):
         neighbour_vector_angstrom: torch.Tensor,
         level_features: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """[(n_atoms, n_species [+ n_level_features]) node attributes, (n_atoms, num_channels) scalars
+        """[(n_atoms, n_species [+ n_level_features]) one-hot species [and level embedding], (n_atoms, num_channels) scalars
         after each product block] (arguments: `Backbone.forward`); padded slots are dropped."""
         attributes, block_features = self.equivariant_features(
             species_index, neighbour_index, neighbour_mask, neighbour_vector_angstrom, level_features
@@ -146,12 +149,14 @@ class MaceBackbone(Backbone):
         neighbour_vector_angstrom: torch.Tensor,
         level_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The node attributes (n_atoms, n_species [+ n_level_features]) and every product block's
-        output in e3nn layout (n_atoms, hidden irreps' dimension; the last block: num_channels)."""
+        """The node embedding's input (n_atoms, n_species [+ n_level_features]) and every product
+        block's output in e3nn layout (n_atoms, hidden irreps' dimension; the last block: num_channels)."""
         dtype = neighbour_vector_angstrom.dtype
-        attributes = nn.functional.one_hot(species_index, self.n_species).to(dtype)
+        inputs = attributes = nn.functional.one_hot(species_index, self.n_species).to(dtype)
         if self.config.n_level_features:
-            attributes = torch.cat([attributes, level_features.to(dtype).expand(attributes.shape[0], -1)], dim=1)
+            inputs = torch.cat([attributes, level_features.to(dtype).expand(attributes.shape[0], -1)], dim=1)
+            if self.config.level_embedding_into == "node_attributes":
+                attributes = inputs
         centre = torch.arange(len(species_index), device=species_index.device).unsqueeze(1).expand_as(neighbour_index)
         # mace-torch's edges: sender j, receiver i, vector r_i - r_j (pointing at the receiver)
         edge_index = torch.stack([neighbour_index[neighbour_mask], centre[neighbour_mask]])
@@ -160,7 +165,7 @@ class MaceBackbone(Backbone):
         edge_attributes = self.spherical_harmonics(edge_vector)
         # atomic numbers only feed mace-torch's optional distance transforms, which are not used
         edge_features, cutoff = self.radial_embedding(edge_length, attributes, edge_index, None)
-        node_features = self.node_embedding(attributes)
+        node_features = self.node_embedding(inputs)
         block_features = []
         for index, (interaction, product) in enumerate(zip(self.interactions, self.products)):
             node_features, skip = interaction(
@@ -174,10 +179,10 @@ class MaceBackbone(Backbone):
             )
             node_features = product(node_feats=node_features, sc=skip, node_attrs=attributes)
             block_features.append(node_features)
-        return attributes, block_features
+        return inputs, block_features
 
     def species_weights(self) -> dict[str, list[SpeciesBlock]]:
-        """The weights over the node attributes (one-hot species, then level embedding), by
+        """The weights over the one-hot species (then the level embedding, where it enters), by
         state-dict name: the node embedding and each interaction's skip tensor product (e3nn divides
         both by sqrt of a fan-in that counts the attributes) and each product's per-element weights
         (`metamlip.model.new_species`)."""

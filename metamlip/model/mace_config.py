@@ -29,6 +29,11 @@ class MaceSection:
         radial_MLP: widths of the hidden layers of the radial network.
         avg_num_neighbors: messages are divided by this (mace-torch computes it from the training
             set; here it is a key: ethanol within 5 Angstrom has 8).
+        level_embedding_into: where a level embedding enters (models with `n_level_features`):
+            `node_embedding`, the linear node embedding only (as HIP-NN's first layer takes it;
+            interactions, skip connections and product weights see the one-hot species), or
+            `node_attributes`, every block's node attributes (so the per-element weights of the
+            product basis and skip connections become mixtures; models before this key).
     """
 
     num_channels: int = 32
@@ -41,6 +46,10 @@ class MaceSection:
     cutoff_angstrom: float = 5.0
     radial_MLP: list[int] = field(default_factory=lambda: [64, 64, 64])
     avg_num_neighbors: float = 8.0
+    level_embedding_into: str = "node_embedding"
+
+
+LEVEL_EMBEDDING_PLACES = ("node_embedding", "node_attributes")
 
 
 @dataclass(frozen=True)
@@ -52,3 +61,9 @@ class MaceConfig(MaceSection):
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MaceConfig:
+        """The shape from a checkpoint's plain data; one written before `level_embedding_into`
+        existed fed its embedding into every block's node attributes."""
+        return cls(**{"level_embedding_into": "node_attributes", **values})

@@ -158,8 +158,9 @@ def grown_tensor(
             raise RuntimeError(f"species blocks of {sum(math.prod(b.shape) for b in blocks)} entries for a tensor of {tensor.numel()}")
     flat = fresh.detach().clone().reshape(-1)
     old_flat = old.detach().reshape(-1)
-    index = torch.as_tensor(positions, device=flat.device)
     for old_block, fresh_block in zip(old_blocks, fresh_blocks, strict=True):
+        # the species come first: a block over the species alone (no level embedding) takes their positions only
+        index = torch.as_tensor(positions[: old_block.shape[old_block.axis]], device=flat.device)
         piece = old_flat[old_block.offset : old_block.offset + math.prod(old_block.shape)].reshape(old_block.shape)
         if old_block.fan_in_scaled:
             ratio = fresh_block.shape[fresh_block.axis] / old_block.shape[old_block.axis]
