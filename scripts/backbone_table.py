@@ -6,7 +6,8 @@ config, data, draws and seeds; only `model` differs), read from each run's resul
 Prints markdown: per strategy and backbone the test energy and force MAE (mean +- std over the
 fine-tuning draws); per strategy the second backbone's error / the first's on the same draws, with a
 95% bootstrap interval; and per backbone the gain of pre-training (scratch / strategy) and the
-meta-learning claim (best meta-learner / best baseline) as the experiment wrote it.
+meta-learning claim (best meta-learner / best baseline) as the experiment wrote it. A run of some
+strategies only (a rerun of one, say) gets the per-strategy rows it shares with the first run.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> None:
         for backbone in backbones:
             table = tables[backbone]
             means = {name: np.mean(list(errors.values())) for name, errors in table.items()}
+            if "scratch" not in means or not set(means) & set(META_LEARNERS) or len(means) < 2:
+                print(f"- {backbone}: runs {sorted(means)} only, no scratch / strategy or claim to compare")
+                continue
             best = min((name for name in means if name != "scratch"), key=means.get)
             best_meta = min((name for name in means if name in META_LEARNERS), key=means.get)
             claim = [c for c in results[backbone]["claim"] if c["n_finetune"] == n_finetune and c["metric"] == metric]

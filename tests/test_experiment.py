@@ -229,3 +229,11 @@ def test_backbone_table_pairs_two_runs_draw_by_draw(finished, tmp_path):
     assert "### N = 4, E MAE (meV)" in printed  # the smallest N by default
     assert rows["joint"].endswith("| 2.00 [2.00, 2.00] |") and rows["scratch"].endswith("| 1.00 [1.00, 1.00] |")
     assert sum(line.startswith("- a: scratch / ") for line in printed.splitlines()) == 2  # energy and forces
+    second["runs"] = [run for run in second["runs"] if run["strategy"] == "joint"]  # a rerun of one strategy
+    (tmp_path / "joint_only.json").write_text(json.dumps(second))
+    printed = subprocess.run(
+        [sys.executable, str(script), f"a={first}", f"b={tmp_path / 'joint_only.json'}"], capture_output=True, text=True, check=True
+    ).stdout
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and "strategy" not in line]
+    assert len(rows) == 2 and all(row.startswith("| joint |") and row.endswith("| 2.00 [2.00, 2.00] |") for row in rows)
+    assert "- b: runs ['joint'] only" in printed
