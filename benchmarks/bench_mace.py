@@ -92,12 +92,15 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1, help="batches per timed repetition")
     parser.add_argument("--dtypes", default="float32,float64", help="comma-separated: float32, float64")
     parser.add_argument("--channels", type=int, default=MaceSection.num_channels, help="MACE num_channels")
+    parser.add_argument("--max-ell", type=int, default=MaceSection.max_ell, help="MACE max_ell")
+    parser.add_argument("--correlation", type=int, default=MaceSection.correlation, help="MACE correlation")
     return parser.parse_args()
 
 
 def mace_config(arguments: argparse.Namespace) -> MaceConfig:
-    """`MaceSection`'s defaults with the width from the command line."""
-    return MaceConfig(**{**dataclasses.asdict(MaceSection()), "num_channels": arguments.channels})
+    """`MaceSection`'s defaults with the width, max_ell and correlation from the command line."""
+    shape = {"num_channels": arguments.channels, "max_ell": arguments.max_ell, "correlation": arguments.correlation}
+    return MaceConfig(**{**dataclasses.asdict(MaceSection()), **shape})
 
 
 def load_ethanol() -> LevelDataset:
