@@ -6,7 +6,7 @@ them at the linear node embedding only or in every block (`MaceConfig.level_embe
 linear node embedding, Bessel radial features times a polynomial cutoff, spherical
 harmonics of the edge directions, then interaction + symmetric-product blocks (the first
 interaction without residual, as mace-torch's training script builds `MACE`). The backbone
-returns the node attributes and the scalar (0e) node features after every product block; the
+returns the node embedding's input and the scalar (0e) node features after every product block; the
 hierarchical head reads each out linearly (mace-torch reads the last block through a small
 MLP instead). Needs the optional mace-torch package (`pip install -e ".[mace]"`).
 """
@@ -136,10 +136,10 @@ class MaceBackbone(Backbone):
     ) -> list[torch.Tensor]:
         """[(n_atoms, n_species [+ n_level_features]) one-hot species [and level embedding], (n_atoms, num_channels) scalars
         after each product block] (arguments: `Backbone.forward`); padded slots are dropped."""
-        attributes, block_features = self.equivariant_features(
+        inputs, block_features = self.equivariant_features(
             species_index, neighbour_index, neighbour_mask, neighbour_vector_angstrom, level_features
         )
-        return [attributes] + [features[:, : self.config.num_channels] for features in block_features]  # 0e channels come first
+        return [inputs] + [features[:, : self.config.num_channels] for features in block_features]  # 0e channels come first
 
     def equivariant_features(
         self,
