@@ -80,7 +80,7 @@ def main() -> None:
         for backbone in backbones:
             table = tables[backbone]
             means = {name: np.mean(list(errors.values())) for name, errors in table.items()}
-            if "scratch" not in means or not set(means) & set(META_LEARNERS) or len(means) < 2:
+            if "scratch" not in means or not set(means) & set(META_LEARNERS):
                 print(f"- {backbone}: runs {sorted(means)} only, no scratch / strategy or claim to compare")
                 continue
             best = min((name for name in means if name != "scratch"), key=means.get)

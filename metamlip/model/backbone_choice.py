@@ -25,8 +25,7 @@ def backbone_config(name: str, values: dict) -> BackboneConfig:
     """The shape of backbone `name` from plain data (a checkpoint's model description)."""
     if name not in BACKBONE_CONFIGS:
         raise InputError(f"unknown backbone {name!r}; known: {sorted(BACKBONE_CONFIGS)}")
-    kind = BACKBONE_CONFIGS[name]
-    return kind.from_dict(values) if kind is MaceConfig else kind(**values)
+    return BACKBONE_CONFIGS[name].from_dict(values)
 
 
 def build_backbone(n_species: int, config: BackboneConfig) -> Backbone:

@@ -44,6 +44,11 @@ class HipnnConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> HipnnConfig:
+        """The shape from a checkpoint's plain data (`to_dict`)."""
+        return cls(**values)
+
 
 class InverseSensitivity(nn.Module):
     """s_nu(r) = exp(-(1/r - 1/mu_nu)^2 sigma_nu^2 / 2) * cos^2(pi r / (2 r_cut)) for r <= r_cut."""
