@@ -14,6 +14,7 @@ import os
 import sys
 
 from metamlip import __version__, distributed
+from metamlip.allocator import keep_freed_memory
 from metamlip.errors import InputError
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -55,6 +56,7 @@ def path_problem(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `metamlip` command; returns the exit code."""
+    keep_freed_memory()  # a process of its own: large batches stop page-faulting fresh memory on every call
     args = build_parser().parse_args(argv)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if several and args.command not in DISTRIBUTED_COMMANDS:
