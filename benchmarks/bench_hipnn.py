@@ -19,7 +19,13 @@ the figures measure the models; metamlip's batch construction is timed separatel
 repetitions of the two models are interleaved (A B A B ...) so that load from other jobs
 on a shared machine falls on both alike.
 
-    python benchmarks/bench_hipnn.py --threads 1 --repeats 7 [--molecules ethanol,spice]
+With `--ceiling` it also profiles metamlip's steps: the time inside torch operations, and the
+speed-up over hippynn if no time were spent outside them (Python, the autograd engine). Every run's
+minor page faults per batch are printed: where the C library hands freed memory back to the system,
+large batches page-fault fresh memory on every call; `--keep-freed-memory` keeps it in the process
+for both models (`metamlip.allocator`, what the `metamlip` command does).
+
+    python benchmarks/bench_hipnn.py --threads 1 --repeats 7 [--molecules ethanol,spice] [--ceiling] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 import torch
 from interleaved_timing import Timing, interleaved, paired_speedups, spread, timed
 
+from metamlip.allocator import keep_freed_memory
 from metamlip.data.batching import Batch, StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
 from metamlip.data.references import EnergyReference
@@ -81,6 +88,14 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--molecules", default="ethanol,spice", help="comma-separated: ethanol, spice (first SPICE sample molecule)")
     parser.add_argument("--compile", action="store_true", help="also time metamlip with its torch.compile option (Potential.use_compile)")
     parser.add_argument("--float64", action="store_true", help="also time metamlip in float64 (and print the float64 / float32 time)")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true",
+        help="keep freed memory in the process for both models (metamlip.allocator, as the metamlip command does)",
+    )
+    parser.add_argument(
+        "--ceiling", action="store_true",
+        help="also profile metamlip's steps: time inside torch operations, and the speed-up it would reach with no time outside them",
+    )
     parser.add_argument(
         "--hippynn-kernels", default=None,
         help="override hippynn's custom-kernel setting (e.g. _pytorch_raw: uncompiled); default: hippynn's own ('auto')",
@@ -215,10 +230,19 @@ def main() -> None:
     )
     if custom_kernels.CUSTOM_KERNELS_ACTIVE == "pytorch":
         print("  ('pytorch' = hippynn's pure-pytorch envsum/sensesum/featsum wrapped in torch.compile)")
+    if arguments.keep_freed_memory:
+        print(f"freed memory kept in the process (metamlip.allocator.keep_freed_memory): {keep_freed_memory()}")
+    else:
+        print("the C library's default allocator settings (freed memory may go back to the system: see the page faults)")
     print(f"load average at the start: {load_average()}")
     for name in arguments.molecules.split(","):
         compare_on(name.strip(), arguments)
     print(f"\nload average at the end: {load_average()}")
+
+
+def faults(timing: Timing, steps: int) -> str:
+    """Median minor page faults per batch of a run's repetitions."""
+    return f"{statistics.median(timing.page_faults) / steps:.0f}"
 
 
 def load_average() -> str:
@@ -283,22 +307,30 @@ def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
         f"{arguments.repeats} repetitions of {steps} batches, runs interleaved (A B C, then C B A, ...) "
         f"so that load from other jobs hits all alike; load average now {load_average()}."
     )
-    print("conformers/s: median [min - max]; speed-up over hippynn: ratio of the medians, and per back-to-back pair median [min - max]")
-    print(f"{'measurement':26s} {'run':18s} {'conformers/s':>25s} {'ratio':>6s} {'paired speed-up':>22s}")
+    print(
+        "conformers/s: median [min - max]; speed-up over hippynn: ratio of the medians, and per back-to-back pair median [min - max]; "
+        "minor page faults per batch (median)"
+    )
+    print(f"{'measurement':26s} {'run':18s} {'conformers/s':>25s} {'ratio':>6s} {'paired speed-up':>22s} {'faults':>7s}")
     for measurement, timings in (("training (batch 32)", training), ("inference E+F (batch 64)", inference)):
         for name in variants:
             ratio = timings[name].median_rate() / timings["hippynn"].median_rate()
             paired = spread(paired_speedups(timings, name, "hippynn"))
-            print(f"{measurement:26s} {name:18s} {summary(timings[name]):>25s} {ratio:6.2f} {paired:>22s}")
-        print(f"{measurement:26s} {'hippynn':18s} {summary(timings['hippynn']):>25s}")
+            print(f"{measurement:26s} {name:18s} {summary(timings[name]):>25s} {ratio:6.2f} {paired:>22s} {faults(timings[name], steps):>7s}")
+        print(f"{measurement:26s} {'hippynn':18s} {summary(timings['hippynn']):>25s} {'':29s} {faults(timings['hippynn'], steps):>7s}")
         if HIPPYNN_FUSED in timings:
             control = timings[HIPPYNN_FUSED]
             ratio = timings["metamlip"].median_rate() / control.median_rate()
             paired = spread(paired_speedups(timings, "metamlip", HIPPYNN_FUSED))
-            print(f"{measurement:26s} {HIPPYNN_FUSED:18s} {summary(control):>25s} {ratio:6.2f} {paired:>22s}  (metamlip against it)")
+            print(
+                f"{measurement:26s} {HIPPYNN_FUSED:18s} {summary(control):>25s} {ratio:6.2f} {paired:>22s} {faults(control, steps):>7s}"
+                "  (metamlip against it)"
+            )
         if arguments.float64:
             slowdown = spread(paired_speedups(timings, "metamlip", "metamlip float64"))
             print(f"{measurement:26s} float64 time / float32 time per pair: {slowdown}")
+    if arguments.ceiling:
+        print_ceiling(training_runs, inference_runs, arguments.repeats, steps)
     construction = batch_construction_seconds(batchers[torch.float32], TRAIN_BATCH, 50)
     per_batch = statistics.median(construction) * 1e3
     step_ms = 1e3 * TRAIN_BATCH / training["metamlip"].median_rate()
@@ -306,6 +338,40 @@ def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
         f"metamlip batch construction (StructureBatcher.batch, {TRAIN_BATCH} conformers): median {per_batch:.2f} ms "
         f"[{min(construction) * 1e3:.2f} - {max(construction) * 1e3:.2f}], {100 * per_batch / step_ms:.0f}% of a training step"
     )
+
+
+def operation_seconds(run: Callable[[], None]) -> tuple[float, float]:
+    """Seconds one call of `run` spends inside torch operations (the self time of every `aten::`
+    operation under `torch.profiler`, so nested operations count once), and the call's wall time
+    under the profiler. The profiler's own cost per operation is partly counted in, so the first
+    errs high."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        seconds = timed(run)
+    return sum(event.self_cpu_time_total for event in profiler.key_averages() if event.key.startswith("aten::")) * 1e-6, seconds
+
+
+def print_ceiling(training_runs: dict[str, Callable[[], None]], inference_runs: dict[str, Callable[[], None]], rounds: int, steps: int) -> None:
+    """metamlip's time per batch inside torch operations and outside them (Python, the autograd
+    engine, allocation), and the speed-up over hippynn if the time outside them were zero: the most
+    that less overhead alone could give, with the same operations. Each round times metamlip,
+    profiles it, then times hippynn; the least of the rounds is kept for each (the figures least
+    disturbed by other load)."""
+    print(f"ceiling ({rounds} rounds, least of each): ms per batch, metamlip's wall time = inside torch operations (profiled) + outside them")
+    for measurement, runs in (("training (batch 32)", training_runs), ("inference E+F (batch 64)", inference_runs)):
+        wall, operations, profiled, hippynn = [], [], [], []
+        for _ in range(rounds):
+            wall.append(timed(runs["metamlip"]))
+            inside, seconds = operation_seconds(runs["metamlip"])
+            operations.append(inside)
+            profiled.append(seconds)
+            hippynn.append(timed(runs["hippynn"]))
+        wall_ms, operations_ms, profiled_ms, hippynn_ms = (1e3 * min(values) / steps for values in (wall, operations, profiled, hippynn))
+        print(
+            f"{measurement:26s} {wall_ms:6.2f} = {operations_ms:6.2f} + {wall_ms - operations_ms:5.2f} (under the profiler {profiled_ms:6.2f}); "
+            f"hippynn {hippynn_ms:6.2f}; speed-up {hippynn_ms / wall_ms:.2f}, with nothing outside the operations {hippynn_ms / operations_ms:.2f}"
+        )
 
 
 def metamlip_training_run(model: Potential, batches: list[Batch], steps: int) -> Callable[[], None]:

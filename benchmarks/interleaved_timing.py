@@ -6,18 +6,21 @@ Used by the benchmark scripts of this folder (`bench_hipnn.py`, `bench_mace.py`)
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Timing:
-    """Seconds per repetition of one measurement, and conformers per repetition."""
+    """Seconds per repetition of one measurement, conformers per repetition, and the minor page
+    faults of each repetition (fresh pages the process touched: see `metamlip.allocator`)."""
 
     seconds: list[float]
     conformers: int
+    page_faults: list[int] = field(default_factory=list)
 
     def rates(self) -> list[float]:
         """Conformers per second of each repetition."""
@@ -34,6 +37,11 @@ def timed(run: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interleaved(runs: dict[str, Callable[[], None]], repeats: int, conformers: int) -> dict[str, Timing]:
     """Time each run `repeats` times, alternating between them (A B A B ...; the first alternates too)."""
     timings = {name: Timing([], conformers) for name in runs}
@@ -41,7 +49,9 @@ def interleaved(runs: dict[str, Callable[[], None]], repeats: int, conformers: i
     for repeat in range(repeats):
         order = names if repeat % 2 == 0 else names[::-1]
         for name in order:
+            faults = minor_page_faults()
             timings[name].seconds.append(timed(runs[name]))
+            timings[name].page_faults.append(minor_page_faults() - faults)
     return timings
 
 
