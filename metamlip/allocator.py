@@ -4,8 +4,8 @@ PyTorch allocates CPU tensors with the C library's `malloc`. glibc hands large b
 system when they are freed (blocks above the mmap threshold are unmapped, and the heap's free top
 is trimmed above the trim threshold), so a batch whose temporaries total tens of MB maps fresh,
 zero-filled pages on every call: one page fault per 4 KiB touched. Inference of 64 molecules of
-27 atoms took 12,000 such faults and ~2x the time, depending on what the process had run before
-(BENCHMARKS.md). Raising the two thresholds keeps the memory in the process (its resident size
+27 atoms took up to 12,600 such faults per batch and up to 1.9x the time, depending on what the
+process had run before (BENCHMARKS.md). Raising the two thresholds keeps the memory in the process (its resident size
 stays at its peak) and the faults stop.
 
 The `metamlip` command does this at start; library users call `keep_freed_memory()` themselves,
