@@ -11,6 +11,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from metamlip import allocator
 from metamlip.data.skin_neighbours import SkinNeighbourBatch
 from metamlip.errors import InputError
 from metamlip.model.potential import Potential
@@ -34,7 +35,9 @@ class MetamlipCalculator(Calculator):
     Stress, (1/V) dE/d(strain) in ASE's Voigt order, is computed for cells periodic in all three
     directions; asking it of any other structure raises PropertyNotImplementedError. `compile`
     runs a HIP-NN model's kernels through `torch.compile` (`Potential.use_compile`; the first call
-    compiles, ~30 s).
+    compiles, ~30 s). `keep_freed_memory` (default True) keeps freed memory in the process
+    (`metamlip.allocator.keep_freed_memory`, for the whole process): without it, structures of
+    hundreds of atoms page-fault fresh memory on every call (BENCHMARKS.md).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -47,9 +50,12 @@ class MetamlipCalculator(Calculator):
         device: str | torch.device | None = None,
         skin_angstrom: float = DEFAULT_SKIN_ANGSTROM,
         compile: bool = False,
+        keep_freed_memory: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if keep_freed_memory:
+            allocator.keep_freed_memory()
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         if compile:
             self.model.use_compile()

@@ -17,6 +17,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
+from metamlip import allocator
 from metamlip.calculator import MetamlipCalculator
 from metamlip.data.batching import StructureBatcher
 from metamlip.data.level_dataset import LevelDataset
@@ -207,6 +208,14 @@ def test_dtype_and_device_at_load(checkpoint: Path) -> None:
     assert results["torch.float32"][0] == results["float32"][0]
     with pytest.raises(InputError, match="float32 or float64"):
         MetamlipCalculator.from_checkpoint(checkpoint, dtype="int32")
+
+
+def test_calculator_keeps_freed_memory_unless_told_not_to(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(True) or True)
+    MetamlipCalculator.from_checkpoint(checkpoint)
+    MetamlipCalculator.from_checkpoint(checkpoint, keep_freed_memory=False)
+    assert calls == [True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
