@@ -11,7 +11,13 @@ its default skin (metamlip 0.5 Angstrom, hippynn 1.0 Angstrom, ASE's `NeighborLi
 * size scan: ms per call from 9 atoms (ethanol) to 1536 (a periodic box of 512 waters), each call
   after a small random move of every atom (0.01 Angstrom), models interleaved per block of calls.
 
+Every calculator keeps freed memory in the process (`metamlip.allocator`: metamlip's calculator does
+so by default, for the whole process, so hippynn's runs with it too); `--default-allocator` leaves
+the C library's settings, under which large structures page-fault fresh memory on every call. The
+minor page faults per call are printed.
+
     python benchmarks/bench_calculator.py [--frames 400] [--repeats 5] [--sizes 9,24,81,192,648,1536]
+                                          [--default-allocator]
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 from ase import Atoms, units
 from ase.build import molecule
-from interleaved_timing import spread
+from interleaved_timing import minor_page_faults, spread
 
 from metamlip.calculator import MetamlipCalculator
 from metamlip.data.references import EnergyReference
@@ -51,6 +57,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--skip-hippynn", action="store_true", help="metamlip only (e.g. without the test extra)")
     parser.add_argument("--compile", action="store_true", help="also time metamlip's calculator with compile=True")
     parser.add_argument("--float64", action="store_true", help="also time metamlip's calculator with dtype='float64'")
+    parser.add_argument(
+        "--default-allocator", action="store_true",
+        help="metamlip's calculators with keep_freed_memory=False: the C library's allocator settings for every calculator",
+    )
     return parser.parse_args()
 
 
@@ -120,18 +130,24 @@ def call_seconds(atoms: Atoms, positions: list[np.ndarray]) -> float:
     return (time.perf_counter() - start) / len(positions)
 
 
-def interleaved_ms(calculators: dict[str, object], atoms: Atoms, frames: list[np.ndarray], repeats: int) -> dict[str, list[float]]:
-    """ms per call of each calculator on the same frames, in alternating order; each has its own atoms."""
+def interleaved_ms(
+    calculators: dict[str, object], atoms: Atoms, frames: list[np.ndarray], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """ms per call, and minor page faults per call, of each calculator on the same frames, in
+    alternating order; each has its own atoms."""
     systems = {name: atoms.copy() for name in calculators}
     for name, calculator in calculators.items():
         systems[name].calc = calculator
         call_seconds(systems[name], frames[: min(5, len(frames))])  # warm-up (and any compilation)
     timings = {name: [] for name in calculators}
+    faults = {name: [] for name in calculators}
     names = list(calculators)
     for repeat in range(repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
+            start = minor_page_faults()
             timings[name].append(1e3 * call_seconds(systems[name], frames))
-    return timings
+            faults[name].append((minor_page_faults() - start) / len(frames))
+    return timings, faults
 
 
 def random_walk(atoms: Atoms, steps: int, step_angstrom: float, seed: int) -> list[np.ndarray]:
@@ -152,12 +168,15 @@ def check_agreement(calculators: dict[str, object], atoms: Atoms) -> str:
     return f"largest difference: energy {energy:.1e} eV, forces {forces:.1e} eV/A"
 
 
-def report(title: str, timings: dict[str, list[float]]) -> None:
+def report(title: str, timings: dict[str, list[float]], faults: dict[str, list[float]]) -> None:
     print(title)
     names = list(timings)
     for name in names:
         values = timings[name]
-        print(f"  {name:22s} ms per call: median {statistics.median(values):7.3f} [{min(values):7.3f} - {max(values):7.3f}]")
+        print(
+            f"  {name:22s} ms per call: median {statistics.median(values):7.3f} [{min(values):7.3f} - {max(values):7.3f}], "
+            f"page faults per call {statistics.median(faults[name]):.0f}"
+        )
     for name in names[1:]:
         print(f"  ratio t({name}) / t({names[0]}) per pair: {spread([b / a for a, b in zip(timings[names[0]], timings[name])])}")
 
@@ -170,14 +189,16 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         potential, energy_node = models()
-    print(f"torch {torch.__version__}, one thread, float32; load average at the start: {load_average()}")
+    allocator = "the C library's default settings" if arguments.default_allocator else "freed memory kept in the process"
+    print(f"torch {torch.__version__}, one thread, float32, allocator: {allocator}; load average at the start: {load_average()}")
 
     def calculators() -> dict[str, object]:
-        chosen = {"metamlip": MetamlipCalculator(copy.deepcopy(potential))}
+        keep = not arguments.default_allocator
+        chosen = {"metamlip": MetamlipCalculator(copy.deepcopy(potential), keep_freed_memory=keep)}
         if arguments.compile:
-            chosen["metamlip compile=True"] = MetamlipCalculator(copy.deepcopy(potential), compile=True)
+            chosen["metamlip compile=True"] = MetamlipCalculator(copy.deepcopy(potential), compile=True, keep_freed_memory=keep)
         if arguments.float64:
-            chosen["metamlip float64"] = MetamlipCalculator(copy.deepcopy(potential), dtype="float64")
+            chosen["metamlip float64"] = MetamlipCalculator(copy.deepcopy(potential), dtype="float64", keep_freed_memory=keep)
         if energy_node is not None:
             chosen["hippynn"] = hippynn_calculator(energy_node)
         return chosen
@@ -187,17 +208,17 @@ def main() -> None:
     frames = [trajectory.to_atoms(i).positions for i in range(arguments.frames)]
     chosen = calculators()
     print(f"\nethanol, {check_agreement(chosen, ethanol)}")
-    timings = interleaved_ms(chosen, ethanol, frames, arguments.repeats)
+    timings, faults = interleaved_ms(chosen, ethanol, frames, arguments.repeats)
     report(f"ethanol MD: {arguments.frames} consecutive MD17 frames per repetition, {arguments.repeats} repetitions "
-           f"(load average {load_average()})", timings)
+           f"(load average {load_average()})", timings, faults)
 
     print(f"\nsize scan: {arguments.calls} calls per repetition, every atom moved 0.01 Angstrom per call")
     for n_atoms in (int(size) for size in arguments.sizes.split(",")):
         atoms = structure(n_atoms)
         chosen = calculators()
-        timings = interleaved_ms(chosen, atoms, random_walk(atoms, arguments.calls, 0.01, seed=n_atoms), arguments.repeats)
+        timings, faults = interleaved_ms(chosen, atoms, random_walk(atoms, arguments.calls, 0.01, seed=n_atoms), arguments.repeats)
         medians = ", ".join(f"{name} {statistics.median(values) / n_atoms * 1e3:.1f}" for name, values in timings.items())
-        report(f"{n_atoms} atoms ({'ethanol' if n_atoms == 9 else 'periodic water'}; us per atom: {medians}; load {load_average()})", timings)
+        report(f"{n_atoms} atoms ({'ethanol' if n_atoms == 9 else 'periodic water'}; us per atom: {medians}; load {load_average()})", timings, faults)
     print(f"\nload average at the end: {load_average()}")
 
 
