@@ -16,7 +16,6 @@ environment variables, when set, are left to rule.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -33,10 +32,7 @@ def keep_freed_memory() -> bool:
     has set either threshold through glibc's environment variables."""
     if not sys.platform.startswith("linux") or any(name in os.environ for name in USER_SETTINGS):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process runs on
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

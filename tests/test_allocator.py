@@ -15,12 +15,12 @@ from metamlip.cli import main as cli_main
 # faults it leaves depend on what ran before: 200 to 2,200 a time here), so every block is mapped
 # afresh and faulted in page by page; "keep" runs `keep_freed_memory` first.
 CHURN = """
-import ctypes, ctypes.util, resource, sys, torch
+import ctypes, resource, sys, torch
 from metamlip.allocator import M_MMAP_THRESHOLD, keep_freed_memory
 if sys.argv[1] == "keep":
     applied = keep_freed_memory()
 else:
-    applied = ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
+    applied = ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
 
 def churn():
     blocks = [torch.ones(1 << 20) for _ in range(10)]
