@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from bench_hipnn import INFERENCE_BATCH, MOLECULES, N_DISTINCT_BATCHES, TRAIN_BATCH, batch_indices, build_models
 from bench_hipnn import metamlip_inference_run, metamlip_training_run
-from interleaved_timing import minor_page_faults, timed
+from interleaved_timing import interleaved
 
 from metamlip.allocator import keep_freed_memory
 from metamlip.data.batching import StructureBatcher
@@ -58,13 +58,9 @@ def run_cases(repeats: int) -> dict[str, tuple[float, float]]:
                 run = make_run(model, [batcher.batch(i) for i in indices], STEPS)
                 run()
                 run()
-                seconds, faults = [], []
-                for _ in range(repeats):
-                    start = minor_page_faults()
-                    seconds.append(timed(run))
-                    faults.append(minor_page_faults() - start)
                 name = f"{molecule} {measurement} {str(dtype).removeprefix('torch.')}"
-                results[name] = (1e3 * min(seconds) / STEPS, statistics.median(faults) / STEPS)
+                timing = interleaved({name: run}, repeats, STEPS * batch_size)[name]
+                results[name] = (1e3 * min(timing.seconds) / STEPS, statistics.median(timing.page_faults) / STEPS)
     return results
 
 

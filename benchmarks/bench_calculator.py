@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from ase import Atoms, units
 from ase.build import molecule
-from interleaved_timing import minor_page_faults, spread
+from interleaved_timing import interleaved, spread
 
 from metamlip.calculator import MetamlipCalculator
 from metamlip.data.references import EnergyReference
@@ -134,20 +134,16 @@ def interleaved_ms(
     calculators: dict[str, object], atoms: Atoms, frames: list[np.ndarray], repeats: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """ms per call, and minor page faults per call, of each calculator on the same frames, in
-    alternating order; each has its own atoms."""
+    alternating order (`interleaved_timing.interleaved`); each has its own atoms."""
     systems = {name: atoms.copy() for name in calculators}
     for name, calculator in calculators.items():
         systems[name].calc = calculator
         call_seconds(systems[name], frames[: min(5, len(frames))])  # warm-up (and any compilation)
-    timings = {name: [] for name in calculators}
-    faults = {name: [] for name in calculators}
-    names = list(calculators)
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            start = minor_page_faults()
-            timings[name].append(1e3 * call_seconds(systems[name], frames))
-            faults[name].append((minor_page_faults() - start) / len(frames))
-    return timings, faults
+    runs = {name: (lambda system=system: call_seconds(system, frames)) for name, system in systems.items()}
+    timings = interleaved(runs, repeats, len(frames))
+    per_call = {name: [1e3 * seconds / len(frames) for seconds in timing.seconds] for name, timing in timings.items()}
+    faults = {name: [count / len(frames) for count in timing.page_faults] for name, timing in timings.items()}
+    return per_call, faults
 
 
 def random_walk(atoms: Atoms, steps: int, step_angstrom: float, seed: int) -> list[np.ndarray]:
@@ -192,13 +188,15 @@ def main() -> None:
     allocator = "the C library's default settings" if arguments.default_allocator else "freed memory kept in the process"
     print(f"torch {torch.__version__}, one thread, float32, allocator: {allocator}; load average at the start: {load_average()}")
 
+    def metamlip_calculator(**options) -> MetamlipCalculator:
+        return MetamlipCalculator(copy.deepcopy(potential), keep_freed_memory=not arguments.default_allocator, **options)
+
     def calculators() -> dict[str, object]:
-        keep = not arguments.default_allocator
-        chosen = {"metamlip": MetamlipCalculator(copy.deepcopy(potential), keep_freed_memory=keep)}
+        chosen = {"metamlip": metamlip_calculator()}
         if arguments.compile:
-            chosen["metamlip compile=True"] = MetamlipCalculator(copy.deepcopy(potential), compile=True, keep_freed_memory=keep)
+            chosen["metamlip compile=True"] = metamlip_calculator(compile=True)
         if arguments.float64:
-            chosen["metamlip float64"] = MetamlipCalculator(copy.deepcopy(potential), dtype="float64", keep_freed_memory=keep)
+            chosen["metamlip float64"] = metamlip_calculator(dtype="float64")
         if energy_node is not None:
             chosen["hippynn"] = hippynn_calculator(energy_node)
         return chosen

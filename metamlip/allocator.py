@@ -5,11 +5,11 @@ system when they are freed (blocks above the mmap threshold are unmapped, and th
 is trimmed above the trim threshold), so a batch whose temporaries total tens of MB maps fresh,
 zero-filled pages on every call: one page fault per 4 KiB touched. Inference of 64 molecules of
 27 atoms took up to 12,600 such faults per batch and up to 1.9x the time, depending on what the
-process had run before (BENCHMARKS.md). Raising the two thresholds keeps the memory in the process (its resident size
-stays at its peak) and the faults stop.
+process had run before (BENCHMARKS.md). Raising the two thresholds keeps the memory in the process
+(its resident size stays at its peak) and the faults stop.
 
-The `metamlip` command does this at start; library users call `keep_freed_memory()` themselves,
-since it changes the whole process. glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`
+The `metamlip` command does this at start and `MetamlipCalculator` when built (unless told not to);
+other library users call `keep_freed_memory()` themselves, since it changes the whole process. glibc's `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`
 environment variables, when set, are left to rule.
 """
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from metamlip.allocator import keep_freed_memory
 from metamlip.cli import main as cli_main
 
 # Ten touched 4 MiB tensors freed one after another, again and again, in a fresh process: "handback"
@@ -54,8 +55,6 @@ def test_keeping_freed_memory_stops_the_page_faults_of_repeated_batches():
 
 
 def test_keep_freed_memory_leaves_the_users_own_settings(monkeypatch):
-    from metamlip.allocator import keep_freed_memory
-
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert keep_freed_memory() is False
 
