@@ -35,7 +35,8 @@ class MetamlipCalculator(Calculator):
     Stress, (1/V) dE/d(strain) in ASE's Voigt order, is computed for cells periodic in all three
     directions; asking it of any other structure raises PropertyNotImplementedError. `compile`
     runs a HIP-NN model's kernels through `torch.compile` (`Potential.use_compile`; the first call
-    compiles, ~30 s). `keep_freed_memory` (default True) keeps freed memory in the process
+    compiles, ~30 s); `native` runs them as one compiled C++ call (`Potential.use_native`: built
+    once, ~30 s, then cached; needs a C++ compiler). `keep_freed_memory` (default True) keeps freed memory in the process
     (`metamlip.allocator.keep_freed_memory`, for the whole process): without it, structures of
     hundreds of atoms page-fault fresh memory on every call (BENCHMARKS.md).
     """
@@ -50,6 +51,7 @@ class MetamlipCalculator(Calculator):
         device: str | torch.device | None = None,
         skin_angstrom: float = DEFAULT_SKIN_ANGSTROM,
         compile: bool = False,
+        native: bool = False,
         keep_freed_memory: bool = True,
         **kwargs,
     ):
@@ -59,6 +61,8 @@ class MetamlipCalculator(Calculator):
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         if compile:
             self.model.use_compile()
+        if native:
+            self.model.use_native()
         self.level = model.resolve_level(level)
         parameter = next(model.parameters())
         self.dtype = parameter.dtype

@@ -73,6 +73,7 @@ class Potential(nn.Module):
         self.level_embeddings = nn.ParameterDict()  # "embedding<i>" -> (n_level_features,) vector
         self.level_embedding_keys: dict[str, str] = {}  # level -> key of level_embeddings
         self.compiled = False  # HIP-NN: run the hand-written force kernels through torch.compile (`use_compile`)
+        self.native = False  # HIP-NN: inference through the compiled C++ extension (`use_native`)
 
     @property
     def levels(self) -> list[str]:
@@ -124,6 +125,20 @@ class Potential(nn.Module):
         if compiled and not isinstance(self.backbone, HipnnBackbone):
             raise InputError(f"compile applies to the HIP-NN backbone only, not {backbone_name(self.config)}")
         self.compiled = compiled
+        return self
+
+    def use_native(self, native: bool = True) -> Potential:
+        """Run HIP-NN inference on the CPU (energies, forces, stress without a graph) through one
+        compiled C++ call (`metamlip.model.hipnn_native`), or back to the Python kernels. The
+        extension is built now if it is not cached yet (~30 s once; needs a C++ compiler): a failed
+        build is an InputError. Training keeps the Python kernels (it needs their trace)."""
+        if native and not isinstance(self.backbone, HipnnBackbone):
+            raise InputError(f"native kernels apply to the HIP-NN backbone only, not {backbone_name(self.config)}")
+        if native:
+            from metamlip.model.hipnn_native import native_module
+
+            native_module()
+        self.native = native
         return self
 
     def resolve_level(self, level: str | None) -> str:
@@ -181,7 +196,7 @@ class Potential(nn.Module):
             features = self.backbone.input_features(batch.species_index, self.level_features(level), distance.dtype)
             head = self.heads[self.level_heads[level]]
             atom_residual, distance_gradient = energies_and_distance_gradient(
-                self.backbone, head, features, batch.neighbour_index, distance, compiled=self.compiled
+                self.backbone, head, features, batch.neighbour_index, distance, compiled=self.compiled, native=self.native
             )
             slot_gradient = (distance_gradient / distance).unsqueeze(-1) * vector  # (n_atoms, k, 3) dE/d(displacement)
             # F_i = sum_k G_ik - sum of G over the slots whose neighbour is i (index_add_ with alpha=-1 is 10x slower)

@@ -1,0 +1,165 @@
+"""HIP-NN inference through the compiled C++ extension (metamlip.model.hipnn_native, opt-in with
+`Potential.use_native`) equals the Python kernels: energies, forces and stress in float64 to 1e-12
+relative, for molecules with padded slots, a periodic box with level embeddings and three
+interaction layers, chunked slot products, an empty batch and along ASE molecular dynamics; float32
+to float32's rounding. Training keeps the Python kernels; a failed build is an InputError.
+
+The extension is built once per machine (~30 s, then cached); these tests need a C++ compiler."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.utils.cpp_extension
+from ase import units
+from ase.md.verlet import VelocityVerlet
+
+from metamlip.calculator import MetamlipCalculator
+from metamlip.data.batching import Batch, StructureBatcher
+from metamlip.data.references import EnergyReference
+from metamlip.data.skin_neighbours import SkinNeighbourBatch
+from metamlip.errors import InputError
+from metamlip.model import hipnn_forces, hipnn_native
+from metamlip.model.mace_config import MaceConfig
+from metamlip.model.potential import Potential, build_potential
+from metamlip.readers import read_level
+from test_hipnn_forces import BOX_CONFIG, DATA, LEVEL, MOLECULE_CONFIGS, periodic_box, perturbed, weight_gradients
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="the native kernels are built with a C++ compiler (none on PATH)"
+)
+RELATIVE_TOLERANCE = 1e-12
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float = RELATIVE_TOLERANCE) -> None:
+    scale = float(expected.abs().max())
+    error = float((actual - expected).abs().max())
+    assert error <= tolerance * max(scale, 1e-300), f"{what}: max error {error:.3e} for scale {scale:.3e}"
+
+
+def assert_native_matches_python(model: Potential, batch: Batch, tolerance: float = RELATIVE_TOLERANCE, stress: bool = False) -> None:
+    """Inference with and without the native kernels: energies, per-atom energies, forces (and stress)."""
+    python = model.use_native(False)(batch, forces=True, stress=stress)
+    native = model.use_native(True)(batch, forces=True, stress=stress)
+    assert_relative_close(native.residual_energy_ev, python.residual_energy_ev, "energies", tolerance)
+    assert_relative_close(native.atom_residual_energy_ev, python.atom_residual_energy_ev, "atom energies", tolerance)
+    assert_relative_close(native.forces_ev_per_angstrom, python.forces_ev_per_angstrom, "forces", tolerance)
+    if stress:
+        assert_relative_close(native.strain_derivative_ev, python.strain_derivative_ev, "dE/d(strain)", tolerance)
+
+
+def ethanol_model(config_name: str = "default_cutoff", dtype: torch.dtype = torch.float64) -> Potential:
+    model = perturbed(build_potential([1, 6, 8], MOLECULE_CONFIGS[config_name], seed=5, dtype=dtype), seed=6)
+    model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
+    return model
+
+
+def ethanol_batch(cutoff_angstrom: float, dtype: torch.dtype = torch.float64) -> Batch:
+    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL).subset(np.arange(0, 600, 50))
+    return StructureBatcher(ethanol, [1, 6, 8], cutoff_angstrom, dtype=dtype).batch(np.arange(len(ethanol)))
+
+
+@pytest.mark.parametrize("config_name", sorted(MOLECULE_CONFIGS))
+def test_molecules_match_the_python_kernels(config_name: str) -> None:
+    batch = ethanol_batch(MOLECULE_CONFIGS[config_name].cutoff_angstrom)
+    if config_name == "short_cutoff":
+        assert not bool(batch.neighbour_mask.all())  # padded slots
+    assert_native_matches_python(ethanol_model(config_name), batch)
+
+
+def test_periodic_box_with_level_embeddings_matches_the_python_kernels() -> None:
+    model = build_potential([1, 6, 8], BOX_CONFIG, seed=1, dtype=torch.float64)
+    for level in ("first", "second"):
+        model.add_level(EnergyReference(level, [1, 6, 8], np.zeros(3)))
+    model = perturbed(model, seed=2)
+    box = periodic_box()
+    batch = SkinNeighbourBatch("second", model.species, BOX_CONFIG.cutoff_angstrom, 0.3, torch.float64).batch(
+        box.numbers, box.positions, box.cell[:], box.pbc
+    )
+    assert_native_matches_python(model, batch, stress=True)
+
+
+def test_chunked_slot_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hipnn_forces, "SLOT_CHUNK_BYTES", 100)  # chunks of one atom, in both kernels
+    assert_native_matches_python(ethanol_model(), ethanol_batch(6.5))
+
+
+def test_float32_matches_to_its_rounding() -> None:
+    assert_native_matches_python(ethanol_model(dtype=torch.float32), ethanol_batch(6.5, torch.float32), tolerance=1e-5)
+
+
+def test_empty_batch() -> None:
+    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL)
+    empty = StructureBatcher(ethanol.subset(np.arange(3)), [1, 6, 8], 6.5, dtype=torch.float64).batch(np.arange(0))
+    prediction = ethanol_model().use_native()(empty)
+    assert prediction.residual_energy_ev.shape == (0,) and prediction.forces_ev_per_angstrom.shape == (0, 3)
+
+
+def test_not_a_number_positions_give_not_a_number_energies() -> None:
+    """The floors on exponents (hipnn_native.cpp) must not turn bad input into finite numbers."""
+    batch = ethanol_batch(6.5)
+    positions = batch.positions_angstrom.clone()
+    positions[4, 1] = float("nan")
+    prediction = ethanol_model().use_native()(replace(batch, positions_angstrom=positions))
+    assert bool(torch.isnan(prediction.residual_energy_ev[0])) and bool(torch.isfinite(prediction.residual_energy_ev[1:]).all())
+
+
+def test_training_keeps_the_python_kernels() -> None:
+    """With gradients on, the forces keep their graph to the weights, as without native kernels."""
+    batch = ethanol_batch(6.5)
+    model = ethanol_model()
+    python = model(batch, create_graph=True)
+    expected = weight_gradients(model, python.residual_energy_ev, python.forces_ev_per_angstrom, batch)
+    native = copy.deepcopy(model).use_native()
+    prediction = native(batch, create_graph=True)
+    actual = weight_gradients(native, prediction.residual_energy_ev, prediction.forces_ev_per_angstrom, batch)
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+    assert prediction.forces_ev_per_angstrom.requires_grad
+
+
+def test_calculator_along_molecular_dynamics() -> None:
+    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL)
+    model = ethanol_model()
+    atoms = ethanol.to_atoms(100)
+    python = MetamlipCalculator(copy.deepcopy(model))
+    atoms.calc = MetamlipCalculator(model, native=True)
+    assert atoms.calc.model.native and not python.model.native
+    deviation = []
+
+    def compare() -> None:
+        moved = atoms.copy()
+        moved.calc = python
+        deviation.append(np.abs(moved.get_forces() - atoms.get_forces()).max() / np.abs(moved.get_forces()).max())
+
+    dynamics = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dynamics.attach(compare, interval=1)
+    dynamics.run(20)
+    assert len(deviation) == 21 and max(deviation) < RELATIVE_TOLERANCE
+
+
+def test_a_failed_build_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'metamlip_hipnn_native': c++: command not found")
+
+    monkeypatch.setattr(hipnn_native, "_BUILT", {})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    model = ethanol_model()
+    with pytest.raises(InputError, match=r"hipnn_native\.cpp failed .*command not found"):
+        model.use_native()
+    assert not model.native
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mace") is None, reason='needs the mace extra: pip install -e ".[mace]"')
+def test_native_is_for_hipnn_only() -> None:
+    model = build_potential([1, 8], MaceConfig(), seed=0)
+    with pytest.raises(InputError, match="HIP-NN backbone only"):
+        model.use_native()
