@@ -17,7 +17,7 @@ the C library's settings, under which large structures page-fault fresh memory o
 minor page faults per call are printed.
 
     python benchmarks/bench_calculator.py [--frames 400] [--repeats 5] [--sizes 9,24,81,192,648,1536]
-                                          [--default-allocator]
+                                          [--default-allocator] [--compile] [--float64] [--native]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--skip-hippynn", action="store_true", help="metamlip only (e.g. without the test extra)")
     parser.add_argument("--compile", action="store_true", help="also time metamlip's calculator with compile=True")
     parser.add_argument("--float64", action="store_true", help="also time metamlip's calculator with dtype='float64'")
+    parser.add_argument("--native", action="store_true", help="also time metamlip's calculator with native=True (C++ kernels)")
     parser.add_argument(
         "--default-allocator", action="store_true",
         help="metamlip's calculators with keep_freed_memory=False: the C library's allocator settings for every calculator",
@@ -175,6 +176,9 @@ def report(title: str, timings: dict[str, list[float]], faults: dict[str, list[f
         )
     for name in names[1:]:
         print(f"  ratio t({name}) / t({names[0]}) per pair: {spread([b / a for a, b in zip(timings[names[0]], timings[name])])}")
+    if "hippynn" in timings:
+        for name in [name for name in names[1:] if name != "hippynn"]:
+            print(f"  speed-up of {name} over hippynn per pair: {spread([h / m for m, h in zip(timings[name], timings['hippynn'])])}")
 
 
 def main() -> None:
@@ -197,6 +201,8 @@ def main() -> None:
             chosen["metamlip compile=True"] = metamlip_calculator(compile=True)
         if arguments.float64:
             chosen["metamlip float64"] = metamlip_calculator(dtype="float64")
+        if arguments.native:
+            chosen["metamlip native=True"] = metamlip_calculator(native=True)
         if energy_node is not None:
             chosen["hippynn"] = hippynn_calculator(energy_node)
         return chosen

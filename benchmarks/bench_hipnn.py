@@ -23,8 +23,8 @@ With `--ceiling` it also profiles metamlip's steps: the time inside torch operat
 speed-up over hippynn if no time were spent outside them (Python, the autograd engine). Every run's
 minor page faults per batch are printed: where the C library hands freed memory back to the system,
 large batches page-fault fresh memory on every call; `--keep-freed-memory` keeps it in the process
-for both models (`metamlip.allocator`, what the `metamlip` command does). `--native` adds an inference
-run through metamlip's compiled C++ extension (`Potential.use_native`; training has no native path).
+for both models (`metamlip.allocator`, what the `metamlip` command does). `--native` adds runs through
+metamlip's compiled C++ kernels (`Potential.use_native`).
 
     python benchmarks/bench_hipnn.py --threads 1 --repeats 7 [--molecules ethanol,spice] [--ceiling] [--keep-freed-memory] [--native]
 """
@@ -63,7 +63,7 @@ INFERENCE_BATCH = 64
 N_DISTINCT_BATCHES = 8
 HIPPYNN_RECOMPILE_LIMIT = 256
 HIPPYNN_FUSED = "hippynn fused Adam"  # the control: hippynn with metamlip's optimiser
-NATIVE = "metamlip native"  # inference through the C++ extension
+NATIVE = "metamlip native"  # through the C++ kernels (Potential.use_native)
 
 
 @dataclass
@@ -90,7 +90,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--molecules", default="ethanol,spice", help="comma-separated: ethanol, spice (first SPICE sample molecule)")
     parser.add_argument("--compile", action="store_true", help="also time metamlip with its torch.compile option (Potential.use_compile)")
     parser.add_argument("--float64", action="store_true", help="also time metamlip in float64 (and print the float64 / float32 time)")
-    parser.add_argument("--native", action="store_true", help="also time metamlip's inference through its C++ extension (Potential.use_native)")
+    parser.add_argument("--native", action="store_true", help="also time metamlip through its C++ kernels (Potential.use_native)")
     parser.add_argument(
         "--keep-freed-memory", action="store_true",
         help="keep freed memory in the process for both models (metamlip.allocator, as the metamlip command does)",
@@ -271,7 +271,8 @@ def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
         variants["metamlip compile"] = copy.deepcopy(potential).use_compile()
     if arguments.float64:
         variants["metamlip float64"] = copy.deepcopy(potential).double()
-    inference_only = {NATIVE: copy.deepcopy(potential).use_native()} if arguments.native else {}
+    if arguments.native:
+        variants[NATIVE] = copy.deepcopy(potential).use_native()
 
     generator = np.random.default_rng(0)
     train_indices = batch_indices(len(dataset), TRAIN_BATCH, N_DISTINCT_BATCHES, generator)
@@ -288,8 +289,6 @@ def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
         dtype = next(model.parameters()).dtype
         training_runs[name] = metamlip_training_run(model, train_batches[dtype], steps)
         inference_runs[name] = metamlip_inference_run(model, inference_batches[dtype], steps)
-    for name, model in inference_only.items():
-        inference_runs[name] = metamlip_inference_run(model, inference_batches[torch.float32], steps)
     training_runs["hippynn"] = hippynn_training_run(hippynn_model, hippynn_train, steps, fused=False)
     training_runs[HIPPYNN_FUSED] = hippynn_training_run(copy.deepcopy(hippynn_model), hippynn_train, steps, fused=True)
     inference_runs["hippynn"] = hippynn_inference_run(hippynn_model, hippynn_inference, steps)
@@ -319,7 +318,7 @@ def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
     )
     print(f"{'measurement':26s} {'run':18s} {'conformers/s':>25s} {'ratio':>6s} {'paired speed-up':>22s} {'faults':>7s}")
     for measurement, timings in (("training (batch 32)", training), ("inference E+F (batch 64)", inference)):
-        for name in [name for name in timings if name in variants or name in inference_only]:
+        for name in variants:
             ratio = timings[name].median_rate() / timings["hippynn"].median_rate()
             paired = spread(paired_speedups(timings, name, "hippynn"))
             print(f"{measurement:26s} {name:18s} {summary(timings[name]):>25s} {ratio:6.2f} {paired:>22s} {faults(timings[name], steps):>7s}")

@@ -90,6 +90,7 @@ class TrainingSection:
     device: str = "cpu"
     tensorboard: bool = False
     compile: bool = False
+    native: bool = False
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""HIP-NN inference through the compiled C++ extension (metamlip.model.hipnn_native, opt-in with
-`Potential.use_native`) equals the Python kernels: energies, forces and stress in float64 to 1e-12
-relative, for molecules with padded slots, a periodic box with level embeddings and three
-interaction layers, chunked slot products, an empty batch and along ASE molecular dynamics; float32
-to float32's rounding. Training keeps the Python kernels; a failed build is an InputError.
+"""HIP-NN through the compiled C++ extension (metamlip.model.hipnn_native, opt-in with
+`Potential.use_native`) equals the Python kernels: energies, forces and stress, and the weight
+gradients of a loss on energies and forces, in float64 to 1e-12 relative, for molecules with padded
+slots, a periodic box with level embeddings and three interaction layers, chunked slot products, an
+empty batch and along ASE molecular dynamics; float32 to float32's rounding. A failed build is an
+InputError.
 
 The extension is built once per machine (~30 s, then cached); these tests need a C++ compiler."""
 
@@ -30,6 +31,7 @@ from metamlip.model import hipnn_forces, hipnn_native
 from metamlip.model.mace_config import MaceConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_level
+from metamlip.training.loop import MixedBatchEpochs, Task, TrainingSettings, fit
 from test_hipnn_forces import BOX_CONFIG, DATA, LEVEL, MOLECULE_CONFIGS, periodic_box, perturbed, weight_gradients
 
 pytestmark = pytest.mark.skipif(
@@ -55,6 +57,18 @@ def assert_native_matches_python(model: Potential, batch: Batch, tolerance: floa
         assert_relative_close(native.strain_derivative_ev, python.strain_derivative_ev, "dE/d(strain)", tolerance)
 
 
+def assert_native_training_matches_python(model: Potential, batch: Batch) -> None:
+    """The weight gradients (level embeddings included) of a loss on energies and forces, both ways."""
+    gradients = {}
+    for native in (False, True):
+        model.use_native(native)
+        prediction = model(batch, forces=True, create_graph=True)
+        gradients[native] = weight_gradients(model, prediction.residual_energy_ev, prediction.forces_ev_per_angstrom, batch)
+    assert set(gradients[True]) == set(gradients[False])
+    for name, expected in gradients[False].items():
+        assert_relative_close(gradients[True][name], expected, f"gradient of {name}")
+
+
 def ethanol_model(config_name: str = "default_cutoff", dtype: torch.dtype = torch.float64) -> Potential:
     model = perturbed(build_potential([1, 6, 8], MOLECULE_CONFIGS[config_name], seed=5, dtype=dtype), seed=6)
     model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
@@ -72,6 +86,7 @@ def test_molecules_match_the_python_kernels(config_name: str) -> None:
     if config_name == "short_cutoff":
         assert not bool(batch.neighbour_mask.all())  # padded slots
     assert_native_matches_python(ethanol_model(config_name), batch)
+    assert_native_training_matches_python(ethanol_model(config_name), batch)
 
 
 def test_periodic_box_with_level_embeddings_matches_the_python_kernels() -> None:
@@ -84,11 +99,14 @@ def test_periodic_box_with_level_embeddings_matches_the_python_kernels() -> None
         box.numbers, box.positions, box.cell[:], box.pbc
     )
     assert_native_matches_python(model, batch, stress=True)
+    forces = torch.randn(len(box), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert_native_training_matches_python(model, replace(batch, forces_ev_per_angstrom=forces))
 
 
 def test_chunked_slot_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hipnn_forces, "SLOT_CHUNK_BYTES", 100)  # chunks of one atom, in both kernels
     assert_native_matches_python(ethanol_model(), ethanol_batch(6.5))
+    assert_native_training_matches_python(ethanol_model(), ethanol_batch(6.5))
 
 
 def test_float32_matches_to_its_rounding() -> None:
@@ -98,8 +116,25 @@ def test_float32_matches_to_its_rounding() -> None:
 def test_empty_batch() -> None:
     ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL)
     empty = StructureBatcher(ethanol.subset(np.arange(3)), [1, 6, 8], 6.5, dtype=torch.float64).batch(np.arange(0))
-    prediction = ethanol_model().use_native()(empty)
+    model = ethanol_model().use_native()
+    prediction = model(empty)
     assert prediction.residual_energy_ev.shape == (0,) and prediction.forces_ev_per_angstrom.shape == (0, 3)
+    prediction = model(empty, create_graph=True)
+    (prediction.residual_energy_ev.sum() + prediction.forces_ev_per_angstrom.sum()).backward()
+    assert all(float(parameter.grad.abs().max()) == 0.0 for parameter in model.parameters() if parameter.grad is not None)
+
+
+def test_forces_have_no_distance_gradient() -> None:
+    model = ethanol_model()
+    batch = ethanol_batch(6.5)
+    vector = model.neighbour_vectors_angstrom(batch, batch.positions_angstrom)
+    distance = torch.linalg.vector_norm(vector, dim=-1).requires_grad_(True)
+    features = model.backbone.input_features(batch.species_index, None, distance.dtype)
+    _, distance_gradient = hipnn_forces.energies_and_distance_gradient(
+        model.backbone, model.heads["shared"], features, batch.neighbour_index, distance, native=True
+    )
+    with pytest.raises(RuntimeError, match="no gradient with respect to distances"):
+        distance_gradient.sum().backward()
 
 
 def test_not_a_number_positions_give_not_a_number_energies() -> None:
@@ -109,21 +144,6 @@ def test_not_a_number_positions_give_not_a_number_energies() -> None:
     positions[4, 1] = float("nan")
     prediction = ethanol_model().use_native()(replace(batch, positions_angstrom=positions))
     assert bool(torch.isnan(prediction.residual_energy_ev[0])) and bool(torch.isfinite(prediction.residual_energy_ev[1:]).all())
-
-
-def test_training_keeps_the_python_kernels() -> None:
-    """With gradients on, the forces keep their graph to the weights, as without native kernels."""
-    batch = ethanol_batch(6.5)
-    model = ethanol_model()
-    python = model(batch, create_graph=True)
-    expected = weight_gradients(model, python.residual_energy_ev, python.forces_ev_per_angstrom, batch)
-    native = copy.deepcopy(model).use_native()
-    prediction = native(batch, create_graph=True)
-    actual = weight_gradients(native, prediction.residual_energy_ev, prediction.forces_ev_per_angstrom, batch)
-    assert set(actual) == set(expected)
-    for name in expected:
-        assert torch.equal(actual[name], expected[name]), name
-    assert prediction.forces_ev_per_angstrom.requires_grad
 
 
 def test_calculator_along_molecular_dynamics() -> None:
@@ -163,3 +183,21 @@ def test_native_is_for_hipnn_only() -> None:
     model = build_potential([1, 8], MaceConfig(), seed=0)
     with pytest.raises(InputError, match="HIP-NN backbone only"):
         model.use_native()
+
+
+def test_training_with_native_kernels_follows_the_python_kernels(tmp_path) -> None:
+    """`training.native`: the same epochs as the Python kernels (float64, same seed), to rounding."""
+    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL)
+    train, validation = ethanol.subset(np.arange(0, 400, 10)), ethanol.subset(np.arange(5, 400, 20))
+    histories = {}
+    for native in (False, True):
+        model = build_potential(ethanol.elements, MOLECULE_CONFIGS["short_cutoff"], seed=0, dtype=torch.float64)
+        model.add_level(EnergyReference.fit(train, model.species))
+        cutoff = MOLECULE_CONFIGS["short_cutoff"].cutoff_angstrom
+        tasks = [Task(LEVEL, *(StructureBatcher(part, model.species, cutoff, torch.float64) for part in (train, validation)))]
+        settings = TrainingSettings(batch_size=8, learning_rate=3e-3, max_epochs=4, progress=False, seed=0, native=native)
+        result = fit(model, MixedBatchEpochs(tasks, settings), tasks, settings, tmp_path / f"native_{native}")
+        assert result.model.native == native
+        histories[native] = [epoch["train_loss"] for epoch in result.history]
+    assert len(histories[True]) == 4 and histories[True][-1] < histories[True][0]
+    np.testing.assert_allclose(histories[True], histories[False], rtol=1e-9, atol=0)

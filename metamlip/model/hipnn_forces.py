@@ -419,10 +419,10 @@ def energies_and_distance_gradient(
     neighbour_index: torch.Tensor, distance_angstrom: torch.Tensor, compiled: bool = False, native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) atom energies and (n, k) d(sum of atom energies)/d(distance) of every neighbour slot;
-    `compiled` runs both passes and the backward through `torch.compile`; `native` runs inference
-    (gradients off, on the CPU) through the compiled C++ extension of `hipnn_native`."""
+    `compiled` runs both passes and the backward through `torch.compile`; `native` (on the CPU)
+    through the C++ extension of `hipnn_native` instead."""
     weights = HipnnWeights.of(backbone, head)
-    if native and not torch.is_grad_enabled() and distance_angstrom.device.type == "cpu":
+    if native and distance_angstrom.device.type == "cpu":
         from metamlip.model import hipnn_native  # imports this module
 
         return hipnn_native.energies_and_distance_gradient(weights, input_features, neighbour_index, distance_angstrom)

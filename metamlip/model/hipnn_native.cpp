@@ -1,11 +1,13 @@
-// HIP-NN inference in one C++ call: atom energies and dE/d(distance) of every neighbour slot.
+// HIP-NN's energies, forces and their weight gradient in C++: the kernels of hipnn_forces.py and
+// hipnn_force_training.py, operation for operation.
 //
-// The same computation as `evaluate` in hipnn_forces.py (forward pass, then the force pass from the
-// energy head down), for inference only: no trace is kept for a weight gradient. Matrix products
-// stay ATen's (MKL); what this adds is no Python between the ~150 operations of a call, and fused
-// loops for the element-wise work: the cutoff terms, the sensitivities with their distance slopes,
-// softplus and sigmoid from one exponential, and the slot sum of the sensitivity gradient.
-// Built on first use by metamlip/model/hipnn_native.py (torch.utils.cpp_extension).
+// `forward` runs the forward pass and the force pass (atom energies and dE/d(distance) of every
+// neighbour slot) and keeps their trace; `backward` is the written-out gradient of a loss on both
+// with respect to every weight (and the input features). Matrix products stay ATen's (MKL); what
+// this adds is no Python between the ~150 (forward) and ~300 (backward) operations of a step, and
+// fused loops for the element-wise work: the cutoff terms, the sensitivities with their distance
+// slopes, softplus and sigmoid from one exponential, the slot sum of the sensitivity gradient, the
+// activation adjoint and the sensitivity adjoint. Built on first use by hipnn_native.py.
 
 #include <torch/extension.h>
 
@@ -13,6 +15,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -127,6 +130,74 @@ std::pair<Tensor, Tensor> activation(const Tensor& pre_activation) {
   return {softplus, sigmoid};
 }
 
+// d(loss)/dh from d(loss)/d(softplus(h)) (in `cotangent`, overwritten) and d(loss)/d(sigmoid(h)):
+// sigmoid (a + c (1 - sigmoid)).
+template <typename T>
+Tensor activation_adjoint(Tensor cotangent, const Tensor& sigmoid, const Tensor& sigmoid_cotangent) {
+  T* a = cotangent.data_ptr<T>();
+  const T* s = sigmoid.data_ptr<T>();
+  const T* c = sigmoid_cotangent.data_ptr<T>();
+  const int64_t n = cotangent.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = (a[i] + c[i] * (T(1) - s[i])) * s[i];
+  return cotangent;
+}
+
+// out[slot] += sum_v dE/ds_v ds_v/dr over the slots of a chunk (each (slots, v); out (slots,)).
+template <typename T>
+void add_slot_sums(const Tensor& sensitivity_gradient, const Tensor& sensitivity_slopes, Tensor out) {
+  const int64_t n_sens = sensitivity_gradient.size(-1), n = out.numel();
+  const T* g = sensitivity_gradient.data_ptr<T>();
+  const T* ds = sensitivity_slopes.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  for (int64_t slot = 0; slot < n; ++slot) {
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < n_sens; ++v) sum += g[slot * n_sens + v] * ds[slot * n_sens + v];
+    o[slot] += sum;
+  }
+}
+
+// The gradients of mu and sigma (adjoint of `sensitivities`) from d(loss)/ds and d(loss)/d(ds/dr) of
+// the atoms [first, last), added to the per-sensitivity sums (see sensitivity_adjoint in
+// hipnn_force_training.py): with u, g recomputed, slope term t = c_ds g c/r^2, value term
+// w = c_s s + c_ds ds/dr and offset cotangent o = t sigma - u w, it adds o to `mu_sum` and
+// (o + t sigma) u to `sigma_sum`; the caller scales them by sigma / mu^2 and 1 / sigma.
+template <typename T>
+void add_sensitivity_adjoint(const Geometry& g, const Tensor& mu, const Tensor& sigma, int64_t first, int64_t last, const Tensor& values,
+                             const Tensor& slopes, const Tensor& values_cotangent, const Tensor& slopes_cotangent,
+                             std::vector<double>& mu_sum, std::vector<double>& sigma_sum) {
+  const int64_t n_slots = g.inverse.size(1), n_sens = mu.size(1);
+  const T* mu_p = mu.data_ptr<T>();
+  const T* sigma_p = sigma.data_ptr<T>();
+  const T exponent_floor = opaque(T(kGaussianExponentFloor));
+  std::vector<T> inverse_mu(n_sens);
+  for (int64_t v = 0; v < n_sens; ++v) inverse_mu[v] = T(1) / mu_p[v];
+  const T *inverse = g.inverse.data_ptr<T>(), *over_r2 = g.cutoff_over_r2.data_ptr<T>();
+  const T *s = values.data_ptr<T>(), *ds = slopes.data_ptr<T>(), *c_s = values_cotangent.data_ptr<T>(), *c_ds = slopes_cotangent.data_ptr<T>();
+  double* mu_acc = mu_sum.data();
+  double* sigma_acc = sigma_sum.data();
+  for (int64_t slot = first * n_slots; slot < last * n_slots; ++slot) {
+    const T inv = inverse[slot], q = over_r2[slot];
+    const int64_t row = (slot - first * n_slots) * n_sens;
+#pragma omp simd
+    for (int64_t v = 0; v < n_sens; ++v) {
+      const T u = (inv - inverse_mu[v]) * sigma_p[v];
+      T exponent = T(-0.5) * u * u;
+      exponent = exponent < exponent_floor ? exponent_floor : exponent;
+      const T slope_term = c_ds[row + v] * std::exp(exponent) * q;
+      const T value_term = c_s[row + v] * s[row + v] + c_ds[row + v] * ds[row + v];
+      const T offset_cotangent = slope_term * sigma_p[v] - u * value_term;
+      mu_acc[v] += offset_cotangent;
+      sigma_acc[v] += (offset_cotangent + slope_term * sigma_p[v]) * u;
+    }
+  }
+}
+
+// Each element-wise kernel for the tensors' dtype (float32 or float64).
+#define METAMLIP_DISPATCH(tensor, function, ...) \
+  ((tensor).scalar_type() == torch::kFloat ? function<float>(__VA_ARGS__) : function<double>(__VA_ARGS__))
+
 // rows @ matrix, once when every row is the same (the head's weights broadcast over atoms).
 Tensor row_product(const Tensor& rows, const Tensor& matrix) {
   if (rows.size(0) > 1 && rows.stride(0) == 0) return rows.narrow(0, 0, 1).mm(matrix).expand({rows.size(0), -1});
@@ -143,122 +214,375 @@ Chunks slot_chunks(int64_t n_atoms, int64_t slot_elements_per_atom, int64_t elem
   return chunks;
 }
 
-// The weights of one interaction block, in the order of `interaction_tensors` in hipnn_native.py.
+// The weights of one interaction block.
 struct Block {
   Tensor mu, sigma, matrix, self_weight, self_bias, res_weight, res_bias, adjust_weight;  // adjust: empty when f_in == f_out
   std::vector<std::vector<Tensor>> atom_layers;                                             // W1, b1, W2, b2 each
+  double cutoff_angstrom = 0;
+  bool adjusted() const { return adjust_weight.numel() > 0; }
 };
 
-// What the force pass needs of a block's forward pass.
-struct BlockRecord {
-  Tensor features;                   // (n, f_in) input of the interaction
+// An interaction layer (with its residual) in the forward pass, then the force pass (InteractionTrace).
+struct InteractionRecord {
+  Tensor features;                                   // (n, f_in) input x
   Chunks chunks;
-  std::vector<Tensor> values, slopes;  // per chunk (atoms, k, v)
-  Tensor slope;                      // (n, f_out) sigmoid of the interaction
-  std::vector<Tensor> layer_slopes;  // (n, f) sigmoid of every atom layer
+  std::vector<Tensor> values, sensitivity_slopes;    // per chunk (atoms, k, v): s and ds/dr
+  Tensor environment;                                // (n, v f_in) sum over slots of s x_j
+  Tensor activation, activation_slope;               // (n, f_out) softplus(h), sigmoid(h)
+  Tensor output_gradient, middle_gradient, pre_activation_gradient;  // (n, f_out) of the force pass
+  Tensor environment_gradient;                       // (n, v f_in) dE/d(environment)
+  std::vector<Tensor> sensitivity_gradient;          // per chunk (atoms, k, v) dE/ds
+  Tensor matrix_cotangent;                           // (f_out, v f_in), from the force adjoint
 };
 
-template <typename T>
-std::vector<Tensor> evaluate(const std::vector<Block>& blocks, const std::vector<double>& cutoffs, const std::vector<Tensor>& read_out_weights,
-                             const std::vector<Tensor>& read_out_biases, Tensor features, const Tensor& neighbour_index,
-                             const Tensor& distance, int64_t chunk_bytes) {
-  const int64_t n_atoms = features.size(0), n_slots = neighbour_index.size(1);
-  const Tensor flat_index = neighbour_index.reshape(-1);
-  Tensor energies = torch::mv(features, read_out_weights[0][0]);
-  std::map<double, Geometry> geometries;
-  std::vector<BlockRecord> records(blocks.size());
-  for (size_t b = 0; b < blocks.size(); ++b) {
-    const Block& w = blocks[b];
-    auto found = geometries.find(cutoffs[b]);
-    if (found == geometries.end()) found = geometries.emplace(cutoffs[b], geometry<T>(distance, cutoffs[b])).first;
+// A residual atom layer in the forward pass, then the force pass (AtomLayerTrace).
+struct LayerRecord {
+  Tensor features, activation, activation_slope, output_gradient, middle_gradient, pre_activation_gradient;
+};
+
+struct BlockRecord {
+  InteractionRecord interaction;
+  std::vector<LayerRecord> layers;
+  Tensor output;  // (n, f) features of the block
+};
+
+// Everything one batch's backward needs (NetworkTrace); handed to Python as an opaque object.
+struct Trace {
+  std::vector<Block> blocks;
+  std::vector<Tensor> read_out_weights, read_out_biases;  // (1, f_b) for the input and each block; (1,) each block
+  Tensor input_features, flat_index;                      // (n, f_0), (n k,)
+  int64_t n_atoms = 0, n_slots = 0, chunk_bytes = 0;
+  std::map<double, Geometry> geometries;                  // by cutoff
+  std::vector<BlockRecord> records;
+};
+
+// Gradients by position in HipnnWeights.tensors(): read-out weights, read-out biases, then per block
+// mu, sigma, int_weights, self W, self b, res W, res b, [adjust W], and W1, b1, W2, b2 per atom layer.
+struct Gradients {
+  std::vector<Tensor> by_position;
+
+  void add(size_t position, const Tensor& gradient) {
+    Tensor& slot = by_position[position];
+    slot = slot.defined() ? slot.add_(gradient) : gradient;
+  }
+  // adds rows^T @ right (both (n, .)); rows the same for every atom when broadcast (the head's weights)
+  void add_product(size_t position, const Tensor& rows, const Tensor& right) {
+    Tensor& slot = by_position[position];
+    if (rows.size(0) > 1 && rows.stride(0) == 0) {
+      const Tensor product = torch::outer(rows[0], right.sum(0));
+      slot = slot.defined() ? slot.add_(product) : product;
+    } else if (slot.defined()) {
+      slot.addmm_(rows.t(), right);
+    } else {
+      slot = rows.t().mm(right);
+    }
+  }
+};
+
+// Position of block b's first tensor (mu) in HipnnWeights.tensors().
+size_t block_position(const Trace& t, size_t b) {
+  size_t position = 2 * t.blocks.size() + 1;
+  for (size_t i = 0; i < b; ++i) position += 7 + t.blocks[i].adjusted() + 4 * t.blocks[i].atom_layers.size();
+  return position;
+}
+
+enum InteractionSlot { kMu = 0, kSigma, kIntWeights, kSelfWeight, kSelfBias, kResWeight, kResBias, kAdjustWeight };
+
+size_t layer_position(const Trace& t, size_t b, size_t l) { return block_position(t, b) + 7 + t.blocks[b].adjusted() + 4 * l; }
+
+Tensor neighbour_rows(const Tensor& rows, const Tensor& index, int64_t n_atoms, int64_t n_slots) {
+  return rows.index_select(0, index).view({n_atoms, n_slots, rows.size(1)});
+}
+
+// Forward pass, then the force pass: (n,) atom energies and (n, k) dE/d(distance), the trace filled in.
+std::vector<Tensor> forward_and_force(Trace& t, const Tensor& distance) {
+  const int64_t n = t.n_atoms, k = t.n_slots;
+  Tensor features = t.input_features;
+  Tensor energies = torch::mv(features, t.read_out_weights[0][0]);
+  t.records.resize(t.blocks.size());
+  for (size_t b = 0; b < t.blocks.size(); ++b) {
+    const Block& w = t.blocks[b];
+    auto found = t.geometries.find(w.cutoff_angstrom);
+    if (found == t.geometries.end()) {
+      found = t.geometries.emplace(w.cutoff_angstrom, METAMLIP_DISPATCH(distance, geometry, distance, w.cutoff_angstrom)).first;
+    }
     const int64_t n_in = features.size(1), n_sens = w.mu.size(1);
-    BlockRecord& record = records[b];
-    record.features = features;
-    record.chunks = slot_chunks(n_atoms, n_slots * (n_in + 4 * n_sens), sizeof(T), chunk_bytes);
+    InteractionRecord& r = t.records[b].interaction;
+    r.features = features;
+    r.chunks = slot_chunks(n, k * (n_in + 4 * n_sens), features.element_size(), t.chunk_bytes);
+    r.environment = torch::empty({n, n_sens * n_in}, features.options());
     Tensor pre_activation = torch::addmm(w.self_bias, features, w.self_weight.t());
-    for (const auto& [first, last] : record.chunks) {
-      auto [values, slopes] = sensitivities<T>(found->second, w.mu, w.sigma, first, last);
-      const Tensor rows = features.index_select(0, flat_index.narrow(0, first * n_slots, (last - first) * n_slots)).view({last - first, n_slots, n_in});
-      const Tensor environment = torch::bmm(values.transpose(1, 2), rows).view({last - first, n_sens * n_in});
-      pre_activation.narrow(0, first, last - first).addmm_(environment, w.matrix.t());
-      record.values.push_back(values);
-      record.slopes.push_back(slopes);
+    for (const auto& [first, last] : r.chunks) {
+      auto [values, slopes] = METAMLIP_DISPATCH(distance, sensitivities, found->second, w.mu, w.sigma, first, last);
+      const Tensor rows = neighbour_rows(features, t.flat_index.narrow(0, first * k, (last - first) * k), last - first, k);
+      Tensor part = r.environment.narrow(0, first, last - first);
+      Tensor part_by_sensitivity = part.view({last - first, n_sens, n_in});
+      torch::bmm_out(part_by_sensitivity, values.transpose(1, 2), rows);
+      pre_activation.narrow(0, first, last - first).addmm_(part, w.matrix.t());
+      r.values.push_back(values);
+      r.sensitivity_slopes.push_back(slopes);
     }
-    auto [softplus, sigmoid] = activation<T>(pre_activation);
-    record.slope = sigmoid;
-    Tensor output = torch::addmm(w.res_bias, softplus, w.res_weight.t());
-    features = output.add_(w.adjust_weight.numel() ? features.mm(w.adjust_weight.t()) : features);
+    std::tie(r.activation, r.activation_slope) = METAMLIP_DISPATCH(features, activation, pre_activation);
+    features = torch::addmm(w.res_bias, r.activation, w.res_weight.t()).add_(w.adjusted() ? features.mm(w.adjust_weight.t()) : features);
     for (const auto& layer : w.atom_layers) {
-      auto [layer_softplus, layer_sigmoid] = activation<T>(torch::addmm(layer[1], features, layer[0].t()));
-      record.layer_slopes.push_back(layer_sigmoid);
-      features = torch::addmm(layer[3], layer_softplus, layer[2].t()).add_(features);
+      LayerRecord& l = t.records[b].layers.emplace_back();
+      l.features = features;
+      std::tie(l.activation, l.activation_slope) = METAMLIP_DISPATCH(features, activation, torch::addmm(layer[1], features, layer[0].t()));
+      features = torch::addmm(layer[3], l.activation, layer[2].t()).add_(features);
     }
-    energies = torch::addmv(energies, features, read_out_weights[b + 1][0]).add_(read_out_biases[b]);
+    t.records[b].output = features;
+    energies = torch::addmv(energies, features, t.read_out_weights[b + 1][0]).add_(t.read_out_biases[b]);
   }
 
-  Tensor distance_gradient = torch::zeros({n_atoms, n_slots}, features.options());
-  Tensor gradient = read_out_weights.back().expand({n_atoms, -1});  // dE/d(features of the last block)
-  for (int64_t b = static_cast<int64_t>(blocks.size()) - 1; b >= 0; --b) {
-    const Block& w = blocks[b];
-    const BlockRecord& record = records[b];
-    for (int64_t l = static_cast<int64_t>(w.atom_layers.size()) - 1; l >= 0; --l) {
-      const auto& layer = w.atom_layers[l];
-      gradient = torch::addmm(gradient, row_product(gradient, layer[2]).mul(record.layer_slopes[l]), layer[0]);
+  Tensor distance_gradient = torch::zeros({n, k}, features.options());
+  Tensor gradient = t.read_out_weights.back().expand({n, -1});  // dE/d(features of the last block)
+  for (int64_t b = static_cast<int64_t>(t.blocks.size()) - 1; b >= 0; --b) {
+    const Block& w = t.blocks[b];
+    BlockRecord& record = t.records[b];
+    for (int64_t i = static_cast<int64_t>(w.atom_layers.size()) - 1; i >= 0; --i) {
+      LayerRecord& l = record.layers[i];
+      l.output_gradient = gradient;
+      l.middle_gradient = row_product(gradient, w.atom_layers[i][2]);
+      l.pre_activation_gradient = l.middle_gradient.mul(l.activation_slope);
+      gradient = torch::addmm(gradient, l.pre_activation_gradient, w.atom_layers[i][0]);
     }
-    const Tensor pre_activation_gradient = row_product(gradient, w.res_weight).mul(record.slope);
-    const int64_t n_in = record.features.size(1), n_sens = w.mu.size(1);
+    InteractionRecord& r = record.interaction;
+    const int64_t n_in = r.features.size(1), n_sens = w.mu.size(1);
+    r.output_gradient = gradient;
+    r.middle_gradient = row_product(gradient, w.res_weight);
+    r.pre_activation_gradient = r.middle_gradient.mul(r.activation_slope);
     Tensor input_gradient;
-    if (b > 0) input_gradient = torch::addmm(w.adjust_weight.numel() ? gradient.mm(w.adjust_weight) : gradient, pre_activation_gradient, w.self_weight);
-    for (size_t c = 0; c < record.chunks.size(); ++c) {
-      const auto [first, last] = record.chunks[c];
-      const Tensor index = flat_index.narrow(0, first * n_slots, (last - first) * n_slots);
-      const Tensor environment_gradient = torch::mm(pre_activation_gradient.narrow(0, first, last - first), w.matrix).view({last - first, n_sens, n_in});
-      const Tensor rows = record.features.index_select(0, index).view({last - first, n_slots, n_in});
-      const Tensor sensitivity_gradient = torch::bmm(rows, environment_gradient.transpose(1, 2));  // (atoms, k, v) dE/ds
-      const T* ds_dE = sensitivity_gradient.data_ptr<T>();
-      const T* ds_dr = record.slopes[c].data_ptr<T>();
-      T* out = distance_gradient.data_ptr<T>() + first * n_slots;
-      for (int64_t slot = 0; slot < (last - first) * n_slots; ++slot) {
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t v = 0; v < n_sens; ++v) sum += ds_dE[slot * n_sens + v] * ds_dr[slot * n_sens + v];
-        out[slot] += sum;
-      }
-      if (b > 0) input_gradient.index_add_(0, index, torch::bmm(record.values[c], environment_gradient).view({-1, n_in}));  // s dE/d(environment) to each neighbour
+    if (b > 0) input_gradient = torch::addmm(w.adjusted() ? gradient.mm(w.adjust_weight) : gradient, r.pre_activation_gradient, w.self_weight);
+    r.environment_gradient = torch::empty({n, n_sens * n_in}, r.features.options());
+    for (size_t c = 0; c < r.chunks.size(); ++c) {
+      const auto [first, last] = r.chunks[c];
+      const Tensor index = t.flat_index.narrow(0, first * k, (last - first) * k);
+      Tensor part = r.environment_gradient.narrow(0, first, last - first);
+      torch::mm_out(part, r.pre_activation_gradient.narrow(0, first, last - first), w.matrix);
+      const Tensor environment_gradient = part.view({last - first, n_sens, n_in});
+      r.sensitivity_gradient.push_back(torch::bmm(neighbour_rows(r.features, index, last - first, k), environment_gradient.transpose(1, 2)));
+      METAMLIP_DISPATCH(distance, add_slot_sums, r.sensitivity_gradient.back(), r.sensitivity_slopes[c], distance_gradient.narrow(0, first, last - first));
+      if (b > 0) input_gradient.index_add_(0, index, torch::bmm(r.values[c], environment_gradient).view({-1, n_in}));  // s dE/d(environment) to each neighbour
     }
-    if (b > 0) gradient = input_gradient.add_(read_out_weights[b]);
+    if (b > 0) gradient = input_gradient.add_(t.read_out_weights[b]);
   }
   return {energies, distance_gradient};
 }
 
-// interactions: per block mu, sigma, matrix, self W, self b, res W, res b, adjust W (empty when none);
-// atom_layers: per block, per layer W1, b1, W2, b2.
-std::vector<Tensor> energies_and_distance_gradient(const std::vector<Tensor>& interactions, const std::vector<Tensor>& atom_layers,
-                                                   int64_t layers_per_block, const std::vector<double>& cutoffs,
-                                                   const std::vector<Tensor>& read_out_weights, const std::vector<Tensor>& read_out_biases,
-                                                   const Tensor& input_features, const Tensor& neighbour_index, const Tensor& distance,
-                                                   int64_t chunk_bytes) {
-  torch::NoGradGuard no_grad;
-  TORCH_CHECK(interactions.size() == 8 * cutoffs.size(), "8 interaction tensors per block");
-  TORCH_CHECK(atom_layers.size() == static_cast<size_t>(4 * layers_per_block) * cutoffs.size(), "4 tensors per atom layer");
-  std::vector<Block> blocks(cutoffs.size());
-  for (size_t b = 0; b < blocks.size(); ++b) {
-    const Tensor* t = &interactions[8 * b];
-    blocks[b] = Block{t[0].contiguous(), t[1].contiguous(), t[2], t[3], t[4], t[5], t[6], t[7], {}};
-    for (int64_t l = 0; l < layers_per_block; ++l) {
-      const Tensor* a = &atom_layers[4 * (b * layers_per_block + l)];
-      blocks[b].atom_layers.push_back({a[0], a[1], a[2], a[3]});
+// Per chunk: d(loss)/ds (or undefined), d(loss)/d(ds/dr) and d(loss)/d(dE/ds) that the force adjoint leaves.
+struct Carried {
+  Tensor values_cotangent, slopes_cotangent, sensitivity_gradient_cotangent;
+};
+
+// Adjoint of the interaction's force pass (interaction_force_adjoint): d(loss)/d(output gradient) and
+// d(loss)/d(sigmoid(h)), with what it leaves per chunk in `carried`.
+std::pair<Tensor, Tensor> interaction_force_adjoint(Trace& t, size_t b, const Tensor& input_gradient_cotangent, const Tensor& slot_cotangent,
+                                                    Gradients& gradients, std::vector<Carried>& carried) {
+  const Block& w = t.blocks[b];
+  InteractionRecord& r = t.records[b].interaction;
+  const size_t at = block_position(t, b);
+  const int64_t k = t.n_slots, n_in = r.features.size(1), n_sens = w.mu.size(1);
+  Tensor pre_activation_cotangent, output_cotangent;
+  if (!input_gradient_cotangent.defined()) {
+    pre_activation_cotangent = torch::zeros_like(r.pre_activation_gradient);
+  } else {
+    pre_activation_cotangent = input_gradient_cotangent.mm(w.self_weight.t());
+    if (w.adjusted()) {
+      output_cotangent = input_gradient_cotangent.mm(w.adjust_weight.t());
+      gradients.add_product(at + kAdjustWeight, r.output_gradient, input_gradient_cotangent);
+    } else {
+      output_cotangent = input_gradient_cotangent;
+    }
+    gradients.add_product(at + kSelfWeight, r.pre_activation_gradient, input_gradient_cotangent);
+  }
+  r.matrix_cotangent = torch::zeros_like(w.matrix);
+  for (size_t c = 0; c < r.chunks.size(); ++c) {
+    const auto [first, last] = r.chunks[c];
+    const Tensor index = t.flat_index.narrow(0, first * k, (last - first) * k);
+    const Tensor slot_part = slot_cotangent.narrow(0, first, last - first).unsqueeze(-1);
+    Carried& left = carried.emplace_back();
+    left.sensitivity_gradient_cotangent = slot_part * r.sensitivity_slopes[c];
+    left.slopes_cotangent = slot_part * r.sensitivity_gradient[c];
+    const Tensor environment_gradient = r.environment_gradient.narrow(0, first, last - first).view({last - first, n_sens, n_in});
+    Tensor environment_gradient_cotangent =
+        torch::bmm(left.sensitivity_gradient_cotangent.transpose(1, 2), neighbour_rows(r.features, index, last - first, k));
+    if (input_gradient_cotangent.defined()) {  // dE/dx was scattered to the neighbours: its cotangent is gathered
+      const Tensor spread = neighbour_rows(input_gradient_cotangent, index, last - first, k);
+      left.values_cotangent = torch::bmm(spread, environment_gradient.transpose(1, 2));
+      environment_gradient_cotangent.baddbmm_(r.values[c].transpose(1, 2), spread);
+    }
+    const Tensor flat_cotangent = environment_gradient_cotangent.view({last - first, n_sens * n_in});
+    pre_activation_cotangent.narrow(0, first, last - first).addmm_(flat_cotangent, w.matrix.t());
+    r.matrix_cotangent.addmm_(r.pre_activation_gradient.narrow(0, first, last - first).t(), flat_cotangent);
+  }
+  const Tensor middle_cotangent = pre_activation_cotangent * r.activation_slope;
+  const Tensor slope_cotangent = pre_activation_cotangent.mul_(r.middle_gradient);
+  gradients.add_product(at + kResWeight, r.output_gradient, middle_cotangent);
+  Tensor product = middle_cotangent.mm(w.res_weight.t());
+  return {output_cotangent.defined() ? product.add_(output_cotangent) : product, slope_cotangent};
+}
+
+// Adjoint of G -> G + ((G W2) sigmoid(h)) W1 (atom_layer_force_adjoint): d(loss)/dG and d(loss)/d(sigmoid(h)).
+std::pair<Tensor, Tensor> atom_layer_force_adjoint(Trace& t, size_t b, size_t i, const Tensor& input_gradient_cotangent, Gradients& gradients) {
+  const auto& layer = t.blocks[b].atom_layers[i];
+  const LayerRecord& l = t.records[b].layers[i];
+  const size_t at = layer_position(t, b, i);
+  Tensor pre_activation_cotangent = input_gradient_cotangent.mm(layer[0].t());
+  gradients.add_product(at, l.pre_activation_gradient, input_gradient_cotangent);
+  const Tensor middle_cotangent = pre_activation_cotangent * l.activation_slope;
+  const Tensor slope_cotangent = pre_activation_cotangent.mul_(l.middle_gradient);
+  gradients.add_product(at + 2, l.output_gradient, middle_cotangent);
+  return {torch::addmm(input_gradient_cotangent, middle_cotangent, layer[2].t()), slope_cotangent};
+}
+
+// Adjoint of x -> x + W2 softplus(W1 x + b1) + b2 with the force pass's d(loss)/d(sigmoid(h)): d(loss)/dx.
+Tensor atom_layer_adjoint(Trace& t, size_t b, size_t i, const Tensor& output_cotangent, const Tensor& slope_cotangent, Gradients& gradients) {
+  const auto& layer = t.blocks[b].atom_layers[i];
+  const LayerRecord& l = t.records[b].layers[i];
+  const size_t at = layer_position(t, b, i);
+  gradients.add_product(at + 2, output_cotangent, l.activation);
+  gradients.add(at + 3, output_cotangent.sum(0));
+  const Tensor pre_activation_cotangent =
+      METAMLIP_DISPATCH(output_cotangent, activation_adjoint, output_cotangent.mm(layer[2]), l.activation_slope, slope_cotangent);
+  gradients.add_product(at, pre_activation_cotangent, l.features);
+  gradients.add(at + 1, pre_activation_cotangent.sum(0));
+  return torch::addmm(output_cotangent, pre_activation_cotangent, layer[0]);
+}
+
+// Adjoint of the interaction layer and its residual (interaction_adjoint): d(loss)/dx when asked.
+Tensor interaction_adjoint(Trace& t, size_t b, const Tensor& output_cotangent, const Tensor& slope_cotangent, std::vector<Carried>& carried,
+                           bool need_features, Gradients& gradients) {
+  const Block& w = t.blocks[b];
+  InteractionRecord& r = t.records[b].interaction;
+  const size_t at = block_position(t, b);
+  const int64_t k = t.n_slots, n_in = r.features.size(1), n_sens = w.mu.size(1), n_out = w.matrix.size(0);
+  gradients.add_product(at + kResWeight, output_cotangent, r.activation);
+  gradients.add(at + kResBias, output_cotangent.sum(0));
+  const Tensor pre_activation_cotangent =
+      METAMLIP_DISPATCH(output_cotangent, activation_adjoint, output_cotangent.mm(w.res_weight), r.activation_slope, slope_cotangent);
+  gradients.add_product(at + kSelfWeight, pre_activation_cotangent, r.features);
+  gradients.add(at + kSelfBias, pre_activation_cotangent.sum(0));
+  const Tensor matrix_cotangent = r.matrix_cotangent.addmm_(pre_activation_cotangent.t(), r.environment);
+  gradients.add(at + kIntWeights, matrix_cotangent.view({n_out, n_sens, n_in}).transpose(0, 1));
+  if (w.adjusted()) gradients.add_product(at + kAdjustWeight, output_cotangent, r.features);
+  Tensor input_cotangent;
+  if (need_features) {
+    input_cotangent = w.adjusted() ? output_cotangent.mm(w.adjust_weight).addmm_(pre_activation_cotangent, w.self_weight)
+                                   : torch::addmm(output_cotangent, pre_activation_cotangent, w.self_weight);
+  }
+  std::vector<double> mu_sum(n_sens, 0.0), sigma_sum(n_sens, 0.0);
+  for (size_t c = 0; c < r.chunks.size(); ++c) {
+    const auto [first, last] = r.chunks[c];
+    const Tensor index = t.flat_index.narrow(0, first * k, (last - first) * k);
+    const Tensor environment_cotangent = pre_activation_cotangent.narrow(0, first, last - first).mm(w.matrix).view({last - first, n_sens, n_in});
+    const Tensor rows = neighbour_rows(r.features, index, last - first, k);
+    Tensor& values_cotangent = carried[c].values_cotangent;
+    if (values_cotangent.defined()) {
+      values_cotangent.baddbmm_(rows, environment_cotangent.transpose(1, 2));
+    } else {
+      values_cotangent = torch::bmm(rows, environment_cotangent.transpose(1, 2));
+    }
+    METAMLIP_DISPATCH(r.features, add_sensitivity_adjoint, t.geometries.at(w.cutoff_angstrom), w.mu, w.sigma, first, last, r.values[c],
+                                                           r.sensitivity_slopes[c], values_cotangent, carried[c].slopes_cotangent, mu_sum, sigma_sum);
+    if (input_cotangent.defined()) {  // both products reach the neighbours' features: scattered back to them
+      const Tensor environment_gradient = r.environment_gradient.narrow(0, first, last - first).view({last - first, n_sens, n_in});
+      const Tensor message = torch::bmm(r.values[c], environment_cotangent).baddbmm_(carried[c].sensitivity_gradient_cotangent, environment_gradient);
+      input_cotangent.index_add_(0, index, message.view({-1, n_in}));
     }
   }
-  const Tensor features = input_features.contiguous(), index = neighbour_index.contiguous(), r = distance.contiguous();
-  if (features.scalar_type() == torch::kFloat) return evaluate<float>(blocks, cutoffs, read_out_weights, read_out_biases, features, index, r, chunk_bytes);
-  TORCH_CHECK(features.scalar_type() == torch::kDouble, "HIP-NN native kernels take float32 or float64, not ", features.scalar_type());
-  return evaluate<double>(blocks, cutoffs, read_out_weights, read_out_biases, features, index, r, chunk_bytes);
+  const auto as_tensor = [&](const std::vector<double>& sums) { return torch::tensor(sums, torch::kDouble).to(w.mu.scalar_type()).view({1, n_sens}); };
+  gradients.add(at + kSigma, as_tensor(sigma_sum).div_(w.sigma));
+  gradients.add(at + kMu, as_tensor(mu_sum).mul_(w.sigma / w.mu.square()));
+  return input_cotangent;
+}
+
+// The weight gradients (in HipnnWeights.tensors() order) and, when asked, d(loss)/d(input features)
+// of a loss with d(loss)/d(atom energies) (n,) and d(loss)/d(distance gradient) (n, k) (backward_pass).
+std::pair<std::vector<Tensor>, Tensor> backward(Trace& t, const Tensor& energy_cotangent, const Tensor& distance_cotangent, bool input_cotangent) {
+  torch::NoGradGuard no_grad;
+  const size_t n_blocks = t.blocks.size();
+  Gradients gradients{std::vector<Tensor>(block_position(t, n_blocks))};
+  std::vector<std::vector<Carried>> carried(n_blocks);
+  std::vector<std::vector<Tensor>> slope_cotangents(n_blocks);
+  Tensor upward;  // d(loss)/d(dE/d(input features of the block))
+  for (size_t b = 0; b < n_blocks; ++b) {
+    auto [cotangent, slope_cotangent] = interaction_force_adjoint(t, b, upward, distance_cotangent, gradients, carried[b]);
+    slope_cotangents[b].push_back(slope_cotangent);
+    for (size_t i = 0; i < t.blocks[b].atom_layers.size(); ++i) {
+      std::tie(cotangent, slope_cotangent) = atom_layer_force_adjoint(t, b, i, cotangent, gradients);
+      slope_cotangents[b].push_back(slope_cotangent);
+    }
+    gradients.add(b + 1, cotangent.sum(0).view({1, -1}));
+    upward = cotangent;
+  }
+  Tensor downward;  // d(loss)/d(features of the block)
+  for (int64_t b = static_cast<int64_t>(n_blocks) - 1; b >= 0; --b) {
+    const Tensor& read_out = t.read_out_weights[b + 1];
+    gradients.add(b + 1, torch::mv(t.records[b].output.t(), energy_cotangent).view({1, -1}));
+    gradients.add(n_blocks + 1 + b, energy_cotangent.sum().view({1}));
+    const Tensor energy_term = torch::outer(energy_cotangent, read_out[0]);
+    downward = downward.defined() ? downward.add_(energy_term) : energy_term;
+    for (int64_t i = static_cast<int64_t>(t.blocks[b].atom_layers.size()) - 1; i >= 0; --i) {
+      downward = atom_layer_adjoint(t, b, i, downward, slope_cotangents[b][i + 1], gradients);
+    }
+    downward = interaction_adjoint(t, b, downward, slope_cotangents[b][0], carried[b], b > 0 || input_cotangent, gradients);
+  }
+  gradients.add(0, torch::mv(t.input_features.t(), energy_cotangent).view({1, -1}));
+  if (!input_cotangent) return {gradients.by_position, Tensor()};
+  return {gradients.by_position, downward.addr_(energy_cotangent, t.read_out_weights[0][0])};
+}
+
+// interactions: per block mu, sigma, matrix, self W, self b, res W, res b, adjust W (empty when none);
+// atom_layers: per block, per layer W1, b1, W2, b2.
+std::shared_ptr<Trace> make_trace(const std::vector<Tensor>& interactions, const std::vector<Tensor>& atom_layers, int64_t layers_per_block,
+                                  const std::vector<double>& cutoffs, const std::vector<Tensor>& read_out_weights,
+                                  const std::vector<Tensor>& read_out_biases, const Tensor& input_features, const Tensor& neighbour_index,
+                                  const Tensor& distance, int64_t chunk_bytes) {
+  TORCH_CHECK(interactions.size() == 8 * cutoffs.size(), "8 interaction tensors per block");
+  TORCH_CHECK(atom_layers.size() == static_cast<size_t>(4 * layers_per_block) * cutoffs.size(), "4 tensors per atom layer");
+  TORCH_CHECK(input_features.scalar_type() == torch::kFloat || input_features.scalar_type() == torch::kDouble,
+              "HIP-NN native kernels take float32 or float64, not ", input_features.scalar_type());
+  TORCH_CHECK(distance.scalar_type() == input_features.scalar_type(), "distances and features differ in dtype");
+  auto t = std::make_shared<Trace>();
+  for (size_t b = 0; b < cutoffs.size(); ++b) {
+    const Tensor* w = &interactions[8 * b];
+    Block& block = t->blocks.emplace_back(Block{w[0].contiguous(), w[1].contiguous(), w[2], w[3], w[4], w[5], w[6], w[7], {}, cutoffs[b]});
+    for (int64_t l = 0; l < layers_per_block; ++l) {
+      const Tensor* a = &atom_layers[4 * (b * layers_per_block + l)];
+      block.atom_layers.push_back({a[0], a[1], a[2], a[3]});
+    }
+  }
+  t->read_out_weights = read_out_weights;
+  t->read_out_biases = read_out_biases;
+  t->input_features = input_features.contiguous();
+  t->flat_index = neighbour_index.reshape(-1).contiguous();
+  t->n_atoms = neighbour_index.size(0);
+  t->n_slots = neighbour_index.size(1);
+  t->chunk_bytes = chunk_bytes;
+  return t;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("energies_and_distance_gradient", &energies_and_distance_gradient,
-             "HIP-NN atom energies (n,) and dE/d(distance) (n, k) of every neighbour slot, for inference");
+  pybind11::class_<Trace, std::shared_ptr<Trace>>(module, "Trace", "The forward and force passes of one batch, kept for `backward`");
+  module.def(
+      "forward",
+      [](const std::vector<Tensor>& interactions, const std::vector<Tensor>& atom_layers, int64_t layers_per_block, const std::vector<double>& cutoffs,
+         const std::vector<Tensor>& read_out_weights, const std::vector<Tensor>& read_out_biases, const Tensor& input_features,
+         const Tensor& neighbour_index, const Tensor& distance, int64_t chunk_bytes) {
+        torch::NoGradGuard no_grad;
+        auto trace = make_trace(interactions, atom_layers, layers_per_block, cutoffs, read_out_weights, read_out_biases, input_features,
+                                neighbour_index, distance, chunk_bytes);
+        const auto outputs = forward_and_force(*trace, distance.contiguous());
+        return std::make_tuple(outputs[0], outputs[1], trace);
+      },
+      "HIP-NN atom energies (n,), dE/d(distance) (n, k) of every neighbour slot, and the trace for `backward`");
+  module.def(
+      "backward",
+      [](const std::shared_ptr<Trace>& trace, const Tensor& energy_cotangent, const Tensor& distance_cotangent, bool input_cotangent) {
+        auto [gradients, input] = backward(*trace, energy_cotangent.contiguous(), distance_cotangent.contiguous(), input_cotangent);
+        return std::make_tuple(gradients, input.defined() ? pybind11::cast(input) : pybind11::none());
+      },
+      "Weight gradients (HipnnWeights.tensors() order) and d(loss)/d(input features) (or None) of a loss on the energies and distance gradient");
 }

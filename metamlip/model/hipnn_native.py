@@ -1,9 +1,9 @@
-"""HIP-NN inference as one compiled C++ call (`hipnn_native.cpp`), built on first use.
+"""HIP-NN's energies, forces and their weight gradient as compiled C++ (`hipnn_native.cpp`), built on first use.
 
-Opt-in (`Potential.use_native`): energies and dE/d(distance) of every neighbour slot, the same
-function as `hipnn_forces.evaluate`, without Python between its operations and with the
-element-wise work fused. Only inference on the CPU runs through it; training (which needs the
-trace of the forward pass for its hand-written backward) and other devices keep the Python path.
+Opt-in (`Potential.use_native`): the same kernels as `hipnn_forces` (forward and force passes) and
+`hipnn_force_training` (the written-out backward), operation for operation, without Python between
+the operations and with the element-wise work fused. On the CPU only; other devices keep the Python
+kernels.
 
 The extension is compiled with torch.utils.cpp_extension (a C++ compiler and Python's headers are
 needed; ~30 s once, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
@@ -47,11 +47,9 @@ def native_module() -> ModuleType:
     return _BUILT[capability]
 
 
-def energies_and_distance_gradient(
-    weights: HipnnWeights, input_features: torch.Tensor, neighbour_index: torch.Tensor, distance_angstrom: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,) atom energies and (n, k) d(sum of atom energies)/d(distance) of every slot, by the
-    compiled extension; no graph (inference only)."""
+def kernel_arguments(weights: HipnnWeights) -> list:
+    """The weights as the extension takes them: interaction tensors, atom-layer tensors, atom layers
+    per block, cutoffs, read-out weights and biases."""
     interactions, atom_layers = [], []
     for interaction, layers in zip(weights.interactions, weights.atom_layers):
         adjust = interaction.adjust_weight if interaction.adjust_weight is not None else interaction.self_weight.new_empty(0)
@@ -61,8 +59,40 @@ def energies_and_distance_gradient(
         ]
         for layer in layers:
             atom_layers += layer.tensors()
-    energies, distance_gradient = native_module().energies_and_distance_gradient(
-        interactions, atom_layers, len(weights.atom_layers[0]), [interaction.cutoff_angstrom for interaction in weights.interactions],
-        weights.read_out_weights, weights.read_out_biases, input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES,
+    cutoffs = [interaction.cutoff_angstrom for interaction in weights.interactions]
+    return [interactions, atom_layers, len(weights.atom_layers[0]), cutoffs, weights.read_out_weights, weights.read_out_biases]
+
+
+class NativeEnergyForces(torch.autograd.Function):
+    """`hipnn_forces.HipnnEnergyForces` with both passes and the written-out backward in C++.
+    Arguments: `HipnnWeights`, neighbour index (n, k), distances (n, k), input features (n, f_0),
+    then the weights' `tensors()`."""
+
+    @staticmethod
+    def forward(ctx, weights, neighbour_index, distance_angstrom, input_features, *weight_tensors):
+        energies, distance_gradient, ctx.trace = native_module().forward(
+            *kernel_arguments(weights), input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES
+        )
+        return energies, distance_gradient
+
+    @staticmethod
+    def backward(ctx, energy_cotangent, distance_cotangent):
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError("HIP-NN's hand-written forces have no gradient with respect to distances (no Hessians)")
+        gradients, input_cotangent = native_module().backward(ctx.trace, energy_cotangent, distance_cotangent, ctx.needs_input_grad[3])
+        ctx.trace = None  # the trace's tensors are freed with it
+        return (None, None, None, input_cotangent, *gradients)
+
+
+def energies_and_distance_gradient(
+    weights: HipnnWeights, input_features: torch.Tensor, neighbour_index: torch.Tensor, distance_angstrom: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) atom energies and (n, k) d(sum of atom energies)/d(distance) of every slot, by the
+    compiled extension: with gradients on, both carry the written-out backward to the weights (and
+    the input features); with them off, no trace is kept."""
+    if torch.is_grad_enabled():
+        return NativeEnergyForces.apply(weights, neighbour_index, distance_angstrom, input_features, *weights.tensors())
+    energies, distance_gradient, _ = native_module().forward(
+        *kernel_arguments(weights), input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES
     )
     return energies, distance_gradient

@@ -128,10 +128,10 @@ class Potential(nn.Module):
         return self
 
     def use_native(self, native: bool = True) -> Potential:
-        """Run HIP-NN inference on the CPU (energies, forces, stress without a graph) through one
-        compiled C++ call (`metamlip.model.hipnn_native`), or back to the Python kernels. The
-        extension is built now if it is not cached yet (~30 s once; needs a C++ compiler): a failed
-        build is an InputError. Training keeps the Python kernels (it needs their trace)."""
+        """Run HIP-NN's hand-written kernels on the CPU (energies, forces, stress, and the weight
+        gradient of a loss on them) as compiled C++ (`metamlip.model.hipnn_native`), or back to
+        the Python kernels. The extension is built now if it is not cached yet (~30 s once; needs a
+        C++ compiler): a failed build is an InputError."""
         if native and not isinstance(self.backbone, HipnnBackbone):
             raise InputError(f"native kernels apply to the HIP-NN backbone only, not {backbone_name(self.config)}")
         if native:

@@ -64,6 +64,7 @@ class TrainingSettings:
     device: str = "cpu"
     tensorboard: bool = False
     compile: bool = False
+    native: bool = False  # HIP-NN's kernels as compiled C++ (Potential.use_native)
 
 
 @dataclass
@@ -269,6 +270,8 @@ def fit(
     model.to(distributed.training_device(settings.device))
     if settings.compile:
         model.use_compile()
+    if settings.native:
+        model.use_native()
     distributed.copy_from_main_process(model)
     run_dir = prepare_run_dir(run_dir) if main else Path(run_dir)
     trained = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
