@@ -25,28 +25,23 @@ from ase.md.verlet import VelocityVerlet
 from metamlip.calculator import MetamlipCalculator
 from metamlip.data.batching import Batch, StructureBatcher
 from metamlip.data.references import EnergyReference
-from metamlip.data.skin_neighbours import SkinNeighbourBatch
 from metamlip.errors import InputError
 from metamlip.model import hipnn_forces, hipnn_native
 from metamlip.model.mace_config import MaceConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_level
 from metamlip.training.loop import MixedBatchEpochs, Task, TrainingSettings, fit
-from test_hipnn_forces import BOX_CONFIG, DATA, LEVEL, MOLECULE_CONFIGS, periodic_box, perturbed, weight_gradients
+from test_hipnn_forces import (
+    DATA, LEVEL, MOLECULE_CONFIGS, assert_relative_close, box_model_and_batch, perturbed, weight_gradients,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None, reason="the native kernels are built with a C++ compiler (none on PATH)"
 )
-RELATIVE_TOLERANCE = 1e-12
+TOLERANCE = 1e-12  # relative, float64: tighter than the 1e-10 against autograd (the same operations in the same order)
 
 
-def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float = RELATIVE_TOLERANCE) -> None:
-    scale = float(expected.abs().max())
-    error = float((actual - expected).abs().max())
-    assert error <= tolerance * max(scale, 1e-300), f"{what}: max error {error:.3e} for scale {scale:.3e}"
-
-
-def assert_native_matches_python(model: Potential, batch: Batch, tolerance: float = RELATIVE_TOLERANCE, stress: bool = False) -> None:
+def assert_native_matches_python(model: Potential, batch: Batch, tolerance: float = TOLERANCE, stress: bool = False) -> None:
     """Inference with and without the native kernels: energies, per-atom energies, forces (and stress)."""
     python = model.use_native(False)(batch, forces=True, stress=stress)
     native = model.use_native(True)(batch, forces=True, stress=stress)
@@ -66,7 +61,7 @@ def assert_native_training_matches_python(model: Potential, batch: Batch) -> Non
         gradients[native] = weight_gradients(model, prediction.residual_energy_ev, prediction.forces_ev_per_angstrom, batch)
     assert set(gradients[True]) == set(gradients[False])
     for name, expected in gradients[False].items():
-        assert_relative_close(gradients[True][name], expected, f"gradient of {name}")
+        assert_relative_close(gradients[True][name], expected, f"gradient of {name}", TOLERANCE)
 
 
 def ethanol_model(config_name: str = "default_cutoff", dtype: torch.dtype = torch.float64) -> Potential:
@@ -90,17 +85,9 @@ def test_molecules_match_the_python_kernels(config_name: str) -> None:
 
 
 def test_periodic_box_with_level_embeddings_matches_the_python_kernels() -> None:
-    model = build_potential([1, 6, 8], BOX_CONFIG, seed=1, dtype=torch.float64)
-    for level in ("first", "second"):
-        model.add_level(EnergyReference(level, [1, 6, 8], np.zeros(3)))
-    model = perturbed(model, seed=2)
-    box = periodic_box()
-    batch = SkinNeighbourBatch("second", model.species, BOX_CONFIG.cutoff_angstrom, 0.3, torch.float64).batch(
-        box.numbers, box.positions, box.cell[:], box.pbc
-    )
+    model, batch = box_model_and_batch()
     assert_native_matches_python(model, batch, stress=True)
-    forces = torch.randn(len(box), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    assert_native_training_matches_python(model, replace(batch, forces_ev_per_angstrom=forces))
+    assert_native_training_matches_python(model, batch)
 
 
 def test_chunked_slot_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,7 +150,7 @@ def test_calculator_along_molecular_dynamics() -> None:
     dynamics = VelocityVerlet(atoms, timestep=0.5 * units.fs)
     dynamics.attach(compare, interval=1)
     dynamics.run(20)
-    assert len(deviation) == 21 and max(deviation) < RELATIVE_TOLERANCE
+    assert len(deviation) == 21 and max(deviation) < TOLERANCE
 
 
 def test_a_failed_build_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
