@@ -35,8 +35,8 @@ class MetamlipCalculator(Calculator):
     Stress, (1/V) dE/d(strain) in ASE's Voigt order, is computed for cells periodic in all three
     directions; asking it of any other structure raises PropertyNotImplementedError. `compile`
     runs a HIP-NN model's kernels through `torch.compile` (`Potential.use_compile`; the first call
-    compiles, ~30 s); `native` runs them as one compiled C++ call (`Potential.use_native`: built
-    once, ~30 s, then cached; needs a C++ compiler). `keep_freed_memory` (default True) keeps freed memory in the process
+    compiles, ~30 s); `native` runs them as compiled C++ (`Potential.use_native`: built once,
+    ~30 s, then cached; needs a C++ compiler). `keep_freed_memory` (default True) keeps freed memory in the process
     (`metamlip.allocator.keep_freed_memory`, for the whole process): without it, structures of
     hundreds of atoms page-fault fresh memory on every call (BENCHMARKS.md).
     """

@@ -73,7 +73,7 @@ class Potential(nn.Module):
         self.level_embeddings = nn.ParameterDict()  # "embedding<i>" -> (n_level_features,) vector
         self.level_embedding_keys: dict[str, str] = {}  # level -> key of level_embeddings
         self.compiled = False  # HIP-NN: run the hand-written force kernels through torch.compile (`use_compile`)
-        self.native = False  # HIP-NN: inference through the compiled C++ extension (`use_native`)
+        self.native = False  # HIP-NN: the hand-written kernels as compiled C++ on the CPU (`use_native`)
 
     @property
     def levels(self) -> list[str]:
@@ -130,8 +130,8 @@ class Potential(nn.Module):
     def use_native(self, native: bool = True) -> Potential:
         """Run HIP-NN's hand-written kernels on the CPU (energies, forces, stress, and the weight
         gradient of a loss on them) as compiled C++ (`metamlip.model.hipnn_native`), or back to
-        the Python kernels. The extension is built now if it is not cached yet (~30 s once; needs a
-        C++ compiler): a failed build is an InputError."""
+        the Python kernels (which a model on another device keeps). The extension is built now if it
+        is not cached yet (~30 s once; needs a C++ compiler): a failed build is an InputError."""
         if native and not isinstance(self.backbone, HipnnBackbone):
             raise InputError(f"native kernels apply to the HIP-NN backbone only, not {backbone_name(self.config)}")
         if native:
