@@ -21,7 +21,7 @@
 
 using torch::Tensor;
 
-// glibc's vector variants (libmvec) of exp and log, so that the element-wise loops below vectorise
+// glibc's vector variants (libmvec) of exp, log, sin and cos, so that the element-wise loops below vectorise
 // without -ffast-math (which would also license rewriting (1 + e) - 1 as e); glibc declares them
 // itself only under -ffast-math.
 extern "C" {
