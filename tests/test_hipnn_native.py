@@ -23,6 +23,7 @@ from ase import units
 from ase.md.verlet import VelocityVerlet
 
 from metamlip.calculator import MetamlipCalculator
+from metamlip.cli.main import main
 from metamlip.data.batching import Batch, StructureBatcher
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
@@ -30,6 +31,7 @@ from metamlip.model import hipnn_forces, hipnn_native
 from metamlip.model.mace_config import MaceConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_level
+from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import MixedBatchEpochs, Task, TrainingSettings, fit
 from test_hipnn_forces import (
     DATA, LEVEL, MOLECULE_CONFIGS, assert_relative_close, box_model_and_batch, perturbed, weight_gradients,
@@ -188,3 +190,15 @@ def test_training_with_native_kernels_follows_the_python_kernels(tmp_path) -> No
         histories[native] = [epoch["train_loss"] for epoch in result.history]
     assert len(histories[True]) == 4 and histories[True][-1] < histories[True][0]
     np.testing.assert_allclose(histories[True], histories[False], rtol=1e-9, atol=0)
+
+
+def test_evaluate_command_with_native_kernels(tmp_path, capsys) -> None:
+    """`metamlip evaluate --native` prints the same metrics as without it (float64 model)."""
+    model = ethanol_model()
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, model)
+    tables = []
+    for flags in ([], ["--native"]):
+        assert main(["evaluate", str(checkpoint), str(DATA / "md17_ethanol_dft.npz"), "--energy-unit", "kcal/mol", "--data-level", LEVEL, *flags]) == 0
+        tables.append(capsys.readouterr().out)
+    assert "pbe+vdw-ts" in tables[0] and tables[1] == tables[0]
