@@ -273,6 +273,8 @@ def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
         variants["metamlip float64"] = copy.deepcopy(potential).double()
     if arguments.native:
         variants[NATIVE] = copy.deepcopy(potential).use_native()
+    if arguments.native and arguments.float64:
+        variants[NATIVE + " float64"] = copy.deepcopy(potential).double().use_native()
 
     generator = np.random.default_rng(0)
     train_indices = batch_indices(len(dataset), TRAIN_BATCH, N_DISTINCT_BATCHES, generator)
@@ -331,9 +333,10 @@ def compare_on(molecule: str, arguments: argparse.Namespace) -> None:
                 f"{measurement:26s} {HIPPYNN_FUSED:18s} {summary(control):>25s} {ratio:6.2f} {paired:>22s} {faults(control, steps):>7s}"
                 "  (metamlip against it)"
             )
-        if arguments.float64:
-            slowdown = spread(paired_speedups(timings, "metamlip", "metamlip float64"))
-            print(f"{measurement:26s} float64 time / float32 time per pair: {slowdown}")
+        for kernels in ("metamlip", NATIVE):
+            if kernels + " float64" in timings:
+                slowdown = spread(paired_speedups(timings, kernels, kernels + " float64"))
+                print(f"{measurement:26s} {kernels}: float64 time / float32 time per pair: {slowdown}")
     if arguments.ceiling:
         print_ceiling(training_runs, inference_runs, arguments.repeats, steps)
     construction = batch_construction_seconds(batchers[torch.float32], TRAIN_BATCH, 50)
