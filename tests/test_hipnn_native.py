@@ -34,7 +34,7 @@ from metamlip.readers import read_level
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import MixedBatchEpochs, Task, TrainingSettings, fit
 from test_hipnn_forces import (
-    DATA, LEVEL, MOLECULE_CONFIGS, assert_relative_close, box_model_and_batch, perturbed, weight_gradients,
+    DATA, LEVEL, MOLECULE_CONFIGS, assert_relative_close, box_model_and_batch, loss, perturbed, weight_gradients,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -202,3 +202,14 @@ def test_evaluate_command_with_native_kernels(tmp_path, capsys) -> None:
         assert main(["evaluate", str(checkpoint), str(DATA / "md17_ethanol_dft.npz"), "--energy-unit", "kcal/mol", "--data-level", LEVEL, *flags]) == 0
         tables.append(capsys.readouterr().out)
     assert "pbe+vdw-ts" in tables[0] and tables[1] == tables[0]
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice() -> None:
+    model = ethanol_model().use_native()
+    batch = ethanol_batch(6.5)
+    prediction = model(batch, create_graph=True)
+    value = loss(prediction.residual_energy_ev, prediction.forces_ev_per_angstrom, batch)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    first = torch.autograd.grad(value, parameters, retain_graph=True)
+    second = torch.autograd.grad(value, parameters)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -42,7 +42,7 @@ def native_module() -> ModuleType:
             )
         except (RuntimeError, OSError, ImportError) as error:
             raise InputError(
-                f"HIP-NN native kernels: building {SOURCE} failed (needs a C++ compiler, Python's headers and glibc's libmvec): {error}"
+                f"HIP-NN native kernels: building {SOURCE} failed (needs a C++ compiler, Python's headers, ninja and glibc's libmvec): {error}"
             ) from error
     return _BUILT[capability]
 
@@ -80,7 +80,6 @@ class NativeEnergyForces(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             raise RuntimeError("HIP-NN's hand-written forces have no gradient with respect to distances (no Hessians)")
         gradients, input_cotangent = native_module().backward(ctx.trace, energy_cotangent, distance_cotangent, ctx.needs_input_grad[3])
-        ctx.trace = None  # the trace's tensors are freed with it
         return (None, None, None, input_cotangent, *gradients)
 
 
