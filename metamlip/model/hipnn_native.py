@@ -5,7 +5,7 @@ Opt-in (`Potential.use_native`): the same kernels as `hipnn_forces` (forward and
 the operations and with the element-wise work fused. On the CPU only; other devices keep the Python
 kernels.
 
-The extension is compiled with torch.utils.cpp_extension (a C++ compiler and Python's headers are
+The extension is compiled with torch.utils.cpp_extension (GCC on Linux and Python's headers are
 needed; ~30 s once, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
 for the vector instructions torch itself uses on this CPU, and links glibc's vector maths (libmvec).
 """
@@ -42,7 +42,7 @@ def native_module() -> ModuleType:
             )
         except (RuntimeError, OSError, ImportError) as error:
             raise InputError(
-                f"HIP-NN native kernels: building {SOURCE} failed (needs a C++ compiler, Python's headers, ninja and glibc's libmvec): {error}"
+                f"HIP-NN native kernels: building {SOURCE} failed (needs Linux with glibc's libmvec, GCC, Python's headers and ninja): {error}"
             ) from error
     return _BUILT[capability]
 
