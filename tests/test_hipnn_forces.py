@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +41,9 @@ MOLECULE_CONFIGS = {
         soft_min_angstrom=0.85, soft_max_angstrom=2.0, cutoff_angstrom=2.2,
     ),
 }
+NEEDS_COMPILER = pytest.mark.skipif(  # the native kernels (metamlip.model.hipnn_native) are built on first use
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="the native kernels are built with a C++ compiler (none on PATH)"
+)
 BOX_CONFIG = HipnnConfig(n_features=12, n_sensitivities=6, n_interaction_layers=3, n_atom_layers=2, cutoff_angstrom=4.0, n_level_features=3)
 
 
@@ -96,10 +101,22 @@ def assert_matches_autograd(model: Potential, batch: Batch) -> None:
         assert_relative_close(actual[name], expected[name], f"gradient of {name}")
 
 
+def ethanol_model(config_name: str = "default_cutoff", dtype: torch.dtype = torch.float64) -> Potential:
+    """A perturbed one-level model of shape MOLECULE_CONFIGS[config_name]."""
+    model = perturbed(build_potential([1, 6, 8], MOLECULE_CONFIGS[config_name], seed=5, dtype=dtype), seed=6)
+    model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
+    return model
+
+
+def ethanol_conformers(cutoff_angstrom: float, dtype: torch.dtype = torch.float64, count: int = 12) -> Batch:
+    """One batch of `count` MD17 ethanol conformers, every 50th of the file (0: an empty batch)."""
+    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL).subset(np.arange(0, 600, 50))
+    return StructureBatcher(ethanol, [1, 6, 8], cutoff_angstrom, dtype=dtype).batch(np.arange(count))
+
+
 @pytest.fixture(scope="module")
 def ethanol_batch() -> Batch:
-    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL).subset(np.arange(0, 600, 50))
-    return StructureBatcher(ethanol, [1, 6, 8], 6.5, dtype=torch.float64).batch(np.arange(len(ethanol)))
+    return ethanol_conformers(6.5)
 
 
 def periodic_box() -> Atoms:
@@ -116,13 +133,11 @@ def periodic_box() -> Atoms:
 @pytest.mark.parametrize("config_name", sorted(MOLECULE_CONFIGS))
 def test_molecules_match_autograd(config_name: str, ethanol_batch: Batch) -> None:
     config = MOLECULE_CONFIGS[config_name]
-    model = perturbed(build_potential([1, 6, 8], config, seed=5, dtype=torch.float64), seed=6)
-    model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
+    model = ethanol_model(config_name)
     batch = ethanol_batch
     if config.cutoff_angstrom < 6.5:
         positions = batch.positions_angstrom.numpy()
-        ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL).subset(np.arange(0, 600, 50))
-        batch = StructureBatcher(ethanol, [1, 6, 8], config.cutoff_angstrom, dtype=torch.float64).batch(np.arange(len(ethanol)))
+        batch = ethanol_conformers(config.cutoff_angstrom)
         assert np.allclose(batch.positions_angstrom.numpy(), positions) and not bool(batch.neighbour_mask.all())
     assert_matches_autograd(model, batch)
 
@@ -148,8 +163,7 @@ def test_periodic_box_with_level_embeddings_matches_autograd() -> None:
 
 def test_chunked_slot_products_equal_whole_ones(ethanol_batch: Batch, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many neighbours: the per-slot products are made and scattered in chunks of atoms."""
-    model = perturbed(build_potential([1, 6, 8], MOLECULE_CONFIGS["default_cutoff"], seed=5, dtype=torch.float64), seed=6)
-    model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
+    model = ethanol_model()
     whole = model(ethanol_batch, forces=True, create_graph=True)
     whole_gradients = weight_gradients(model, whole.residual_energy_ev, whole.forces_ev_per_angstrom, ethanol_batch)
     monkeypatch.setattr(hipnn_forces, "SLOT_CHUNK_BYTES", 100)  # chunks of one atom
@@ -164,8 +178,7 @@ def test_chunked_slot_products_equal_whole_ones(ethanol_batch: Batch, monkeypatc
 def test_predictions_follow_in_place_weight_updates(ethanol_batch: Batch, fused: bool) -> None:
     """After an optimiser step (fused Adam changes weights without bumping version counters) the
     model predicts with its new weights, as a fresh copy of it does."""
-    model = perturbed(build_potential([1, 6, 8], MOLECULE_CONFIGS["default_cutoff"], seed=5, dtype=torch.float64), seed=6)
-    model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
+    model = ethanol_model()
     before = model(ethanol_batch).forces_ev_per_angstrom
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=fused)
     prediction = model(ethanol_batch, create_graph=True)
@@ -178,8 +191,7 @@ def test_predictions_follow_in_place_weight_updates(ethanol_batch: Batch, fused:
 
 def test_empty_batch(ethanol_batch: Batch) -> None:
     """A data-parallel shard may hold no structures: empty predictions, zero weight gradients."""
-    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL)
-    empty = StructureBatcher(ethanol.subset(np.arange(3)), [1, 6, 8], 6.5, dtype=torch.float64).batch(np.arange(0))
+    empty = ethanol_conformers(6.5, count=0)
     model = build_potential([1, 6, 8], MOLECULE_CONFIGS["default_cutoff"], seed=5, dtype=torch.float64)
     model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
     prediction = model(empty, create_graph=True)
@@ -189,14 +201,15 @@ def test_empty_batch(ethanol_batch: Batch) -> None:
     assert model(empty, forces=False).residual_energy_ev.shape == (0,)  # the network's definition (energy-only levels)
 
 
-def test_forces_have_no_distance_gradient(ethanol_batch: Batch) -> None:
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=NEEDS_COMPILER)])
+def test_forces_have_no_distance_gradient(ethanol_batch: Batch, native: bool) -> None:
     model = build_potential([1, 6, 8], MOLECULE_CONFIGS["default_cutoff"], seed=5, dtype=torch.float64)
     model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
     vector = model.neighbour_vectors_angstrom(ethanol_batch, ethanol_batch.positions_angstrom)
     distance = torch.linalg.vector_norm(vector, dim=-1).requires_grad_(True)
     features = model.backbone.input_features(ethanol_batch.species_index, None, distance.dtype)
     _, distance_gradient = hipnn_forces.energies_and_distance_gradient(
-        model.backbone, model.heads["shared"], features, ethanol_batch.neighbour_index, distance
+        model.backbone, model.heads["shared"], features, ethanol_batch.neighbour_index, distance, native=native
     )
     with pytest.raises(RuntimeError, match="no gradient with respect to distances"):
         distance_gradient.sum().backward()
@@ -213,8 +226,7 @@ def test_compile_is_for_hipnn_only() -> None:
 @pytest.mark.slow
 def test_compiled_kernels_equal_eager_ones(ethanol_batch: Batch) -> None:
     """torch.compile of the same kernels (about a minute to compile on a loaded 2-core machine)."""
-    eager = perturbed(build_potential([1, 6, 8], MOLECULE_CONFIGS["default_cutoff"], seed=5, dtype=torch.float64), seed=6)
-    eager.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
+    eager = ethanol_model()
     compiled = copy.deepcopy(eager).use_compile()
     expected, actual = eager(ethanol_batch, create_graph=True), compiled(ethanol_batch, create_graph=True)
     assert_relative_close(actual.forces_ev_per_angstrom.detach(), expected.forces_ev_per_angstrom.detach(), "forces")

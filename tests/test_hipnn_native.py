@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -34,12 +32,11 @@ from metamlip.readers import read_level
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import MixedBatchEpochs, Task, TrainingSettings, fit
 from test_hipnn_forces import (
-    DATA, LEVEL, MOLECULE_CONFIGS, assert_relative_close, box_model_and_batch, loss, perturbed, weight_gradients,
+    DATA, LEVEL, MOLECULE_CONFIGS, NEEDS_COMPILER, assert_relative_close, box_model_and_batch, ethanol_conformers, ethanol_model, loss,
+    weight_gradients,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "c++")) is None, reason="the native kernels are built with a C++ compiler (none on PATH)"
-)
+pytestmark = NEEDS_COMPILER
 TOLERANCE = 1e-12  # relative, float64: tighter than the 1e-10 against autograd (the same operations in the same order)
 
 
@@ -66,20 +63,9 @@ def assert_native_training_matches_python(model: Potential, batch: Batch) -> Non
         assert_relative_close(gradients[True][name], expected, f"gradient of {name}", TOLERANCE)
 
 
-def ethanol_model(config_name: str = "default_cutoff", dtype: torch.dtype = torch.float64) -> Potential:
-    model = perturbed(build_potential([1, 6, 8], MOLECULE_CONFIGS[config_name], seed=5, dtype=dtype), seed=6)
-    model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
-    return model
-
-
-def ethanol_batch(cutoff_angstrom: float, dtype: torch.dtype = torch.float64) -> Batch:
-    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL).subset(np.arange(0, 600, 50))
-    return StructureBatcher(ethanol, [1, 6, 8], cutoff_angstrom, dtype=dtype).batch(np.arange(len(ethanol)))
-
-
 @pytest.mark.parametrize("config_name", sorted(MOLECULE_CONFIGS))
 def test_molecules_match_the_python_kernels(config_name: str) -> None:
-    batch = ethanol_batch(MOLECULE_CONFIGS[config_name].cutoff_angstrom)
+    batch = ethanol_conformers(MOLECULE_CONFIGS[config_name].cutoff_angstrom)
     if config_name == "short_cutoff":
         assert not bool(batch.neighbour_mask.all())  # padded slots
     assert_native_matches_python(ethanol_model(config_name), batch)
@@ -94,17 +80,16 @@ def test_periodic_box_with_level_embeddings_matches_the_python_kernels() -> None
 
 def test_chunked_slot_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hipnn_forces, "SLOT_CHUNK_BYTES", 100)  # chunks of one atom, in both kernels
-    assert_native_matches_python(ethanol_model(), ethanol_batch(6.5))
-    assert_native_training_matches_python(ethanol_model(), ethanol_batch(6.5))
+    assert_native_matches_python(ethanol_model(), ethanol_conformers(6.5))
+    assert_native_training_matches_python(ethanol_model(), ethanol_conformers(6.5))
 
 
 def test_float32_matches_to_its_rounding() -> None:
-    assert_native_matches_python(ethanol_model(dtype=torch.float32), ethanol_batch(6.5, torch.float32), tolerance=1e-5)
+    assert_native_matches_python(ethanol_model(dtype=torch.float32), ethanol_conformers(6.5, torch.float32), tolerance=1e-5)
 
 
 def test_empty_batch() -> None:
-    ethanol = read_level(DATA / "md17_ethanol_dft.npz", energy_unit="kcal/mol", level=LEVEL)
-    empty = StructureBatcher(ethanol.subset(np.arange(3)), [1, 6, 8], 6.5, dtype=torch.float64).batch(np.arange(0))
+    empty = ethanol_conformers(6.5, count=0)
     model = ethanol_model().use_native()
     prediction = model(empty)
     assert prediction.residual_energy_ev.shape == (0,) and prediction.forces_ev_per_angstrom.shape == (0, 3)
@@ -113,22 +98,9 @@ def test_empty_batch() -> None:
     assert all(float(parameter.grad.abs().max()) == 0.0 for parameter in model.parameters() if parameter.grad is not None)
 
 
-def test_forces_have_no_distance_gradient() -> None:
-    model = ethanol_model()
-    batch = ethanol_batch(6.5)
-    vector = model.neighbour_vectors_angstrom(batch, batch.positions_angstrom)
-    distance = torch.linalg.vector_norm(vector, dim=-1).requires_grad_(True)
-    features = model.backbone.input_features(batch.species_index, None, distance.dtype)
-    _, distance_gradient = hipnn_forces.energies_and_distance_gradient(
-        model.backbone, model.heads["shared"], features, batch.neighbour_index, distance, native=True
-    )
-    with pytest.raises(RuntimeError, match="no gradient with respect to distances"):
-        distance_gradient.sum().backward()
-
-
 def test_not_a_number_positions_give_not_a_number_energies() -> None:
     """The floors on exponents (hipnn_native.cpp) must not turn bad input into finite numbers."""
-    batch = ethanol_batch(6.5)
+    batch = ethanol_conformers(6.5)
     positions = batch.positions_angstrom.clone()
     positions[4, 1] = float("nan")
     prediction = ethanol_model().use_native()(replace(batch, positions_angstrom=positions))
@@ -206,7 +178,7 @@ def test_evaluate_command_with_native_kernels(tmp_path, capsys) -> None:
 
 def test_a_retained_graph_gives_the_same_gradient_twice() -> None:
     model = ethanol_model().use_native()
-    batch = ethanol_batch(6.5)
+    batch = ethanol_conformers(6.5)
     prediction = model(batch, create_graph=True)
     value = loss(prediction.residual_energy_ev, prediction.forces_ev_per_angstrom, batch)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]

@@ -63,6 +63,14 @@ def kernel_arguments(weights: HipnnWeights) -> list:
     return [interactions, atom_layers, len(weights.atom_layers[0]), cutoffs, weights.read_out_weights, weights.read_out_biases]
 
 
+def forward_and_force(
+    weights: HipnnWeights, input_features: torch.Tensor, neighbour_index: torch.Tensor, distance_angstrom: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The extension's forward and force passes: atom energies, distance gradient and the trace
+    (an opaque object that `backward` takes)."""
+    return native_module().forward(*kernel_arguments(weights), input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES)
+
+
 class NativeEnergyForces(torch.autograd.Function):
     """`hipnn_forces.HipnnEnergyForces` with both passes and the written-out backward in C++.
     Arguments: `HipnnWeights`, neighbour index (n, k), distances (n, k), input features (n, f_0),
@@ -70,9 +78,7 @@ class NativeEnergyForces(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights, neighbour_index, distance_angstrom, input_features, *weight_tensors):
-        energies, distance_gradient, ctx.trace = native_module().forward(
-            *kernel_arguments(weights), input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES
-        )
+        energies, distance_gradient, ctx.trace = forward_and_force(weights, input_features, neighbour_index, distance_angstrom)
         return energies, distance_gradient
 
     @staticmethod
@@ -91,7 +97,5 @@ def energies_and_distance_gradient(
     the input features); with them off, no trace is kept."""
     if torch.is_grad_enabled():
         return NativeEnergyForces.apply(weights, neighbour_index, distance_angstrom, input_features, *weights.tensors())
-    energies, distance_gradient, _ = native_module().forward(
-        *kernel_arguments(weights), input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES
-    )
+    energies, distance_gradient, _ = forward_and_force(weights, input_features, neighbour_index, distance_angstrom)
     return energies, distance_gradient

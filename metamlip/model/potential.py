@@ -122,8 +122,7 @@ class Potential(nn.Module):
         """Run HIP-NN's hand-written energy, force and training kernels through `torch.compile` (or
         back to eager code); compiled on first use (~30 s; inductor caches it on disk). Only the
         HIP-NN backbone has such kernels: asking it of another is an InputError."""
-        if compiled and not isinstance(self.backbone, HipnnBackbone):
-            raise InputError(f"compile applies to the HIP-NN backbone only, not {backbone_name(self.config)}")
+        self.require_hipnn("compile", compiled)
         self.compiled = compiled
         return self
 
@@ -132,14 +131,18 @@ class Potential(nn.Module):
         gradient of a loss on them) as compiled C++ (`metamlip.model.hipnn_native`), or back to
         the Python kernels (which a model on another device keeps). The extension is built now if it
         is not cached yet (~30 s once; needs a C++ compiler): a failed build is an InputError."""
-        if native and not isinstance(self.backbone, HipnnBackbone):
-            raise InputError(f"native kernels apply to the HIP-NN backbone only, not {backbone_name(self.config)}")
+        self.require_hipnn("native", native)
         if native:
             from metamlip.model.hipnn_native import native_module
 
             native_module()
         self.native = native
         return self
+
+    def require_hipnn(self, option: str, asked: bool) -> None:
+        """InputError when `option` (a way of running HIP-NN's hand-written kernels) is asked of another backbone."""
+        if asked and not isinstance(self.backbone, HipnnBackbone):
+            raise InputError(f"{option} applies to the HIP-NN backbone only, not {backbone_name(self.config)}")
 
     def resolve_level(self, level: str | None) -> str:
         """The normalised name of a known level; None picks the only level of a one-level model."""
