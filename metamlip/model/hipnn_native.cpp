@@ -269,8 +269,7 @@ struct Gradients {
   void add_product(size_t position, const Tensor& rows, const Tensor& right) {
     Tensor& slot = by_position[position];
     if (rows.size(0) > 1 && rows.stride(0) == 0) {
-      const Tensor product = torch::outer(rows[0], right.sum(0));
-      slot = slot.defined() ? slot.add_(product) : product;
+      add(position, torch::outer(rows[0], right.sum(0)));
     } else if (slot.defined()) {
       slot.addmm_(rows.t(), right);
     } else {
