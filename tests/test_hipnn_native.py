@@ -26,6 +26,8 @@ from metamlip.data.batching import Batch, StructureBatcher
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.model import hipnn_forces, hipnn_native
+from metamlip.model.hipnn import HipnnConfig
+from metamlip.model.hipnn_forces import HipnnWeights
 from metamlip.model.mace_config import MaceConfig
 from metamlip.model.potential import Potential, build_potential
 from metamlip.readers import read_level
@@ -33,7 +35,7 @@ from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import MixedBatchEpochs, Task, TrainingSettings, fit
 from test_hipnn_forces import (
     DATA, LEVEL, MOLECULE_CONFIGS, NEEDS_COMPILER, assert_relative_close, box_model_and_batch, ethanol_conformers, ethanol_model, loss,
-    weight_gradients,
+    perturbed, weight_gradients,
 )
 
 pytestmark = NEEDS_COMPILER
@@ -74,7 +76,8 @@ def test_molecules_match_the_python_kernels(config_name: str) -> None:
 
 def test_periodic_box_with_level_embeddings_matches_the_python_kernels() -> None:
     model, batch = box_model_and_batch()
-    assert_native_matches_python(model, batch, stress=True)
+    assert_native_matches_python(model, batch)  # from positions in the extension (periodic shifts)
+    assert_native_matches_python(model, batch, stress=True)  # from distances, the displacements kept for the stress
     assert_native_training_matches_python(model, batch)
 
 
@@ -82,6 +85,34 @@ def test_chunked_slot_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hipnn_forces, "SLOT_CHUNK_BYTES", 100)  # chunks of one atom, in both kernels
     assert_native_matches_python(ethanol_model(), ethanol_conformers(6.5))
     assert_native_training_matches_python(ethanol_model(), ethanol_conformers(6.5))
+
+
+@pytest.mark.parametrize(("width", "dtype"), [(37, torch.float64), (70, torch.float32)])
+def test_feature_widths_across_vector_blocks_match(width: int, dtype: torch.dtype) -> None:
+    """The slot products keep up to 8 vectors of 32 bytes per block, then single elements: 37 float64
+    features are 8 + 1 vectors and one element, 70 float32 features 8 vectors and six elements."""
+    config = HipnnConfig(n_features=width, n_sensitivities=5, n_interaction_layers=2, n_atom_layers=1)
+    model = perturbed(build_potential([1, 6, 8], config, seed=3, dtype=dtype), seed=4)
+    model.add_level(EnergyReference(LEVEL, [1, 6, 8], np.zeros(3)))
+    batch = ethanol_conformers(config.cutoff_angstrom, dtype, count=4)
+    if dtype == torch.float64:
+        assert_native_matches_python(model, batch)
+        assert_native_training_matches_python(model, batch)
+    else:
+        assert_native_matches_python(model, batch, tolerance=1e-5)
+
+
+def test_forces_from_positions_have_no_position_gradient() -> None:
+    model = ethanol_model()
+    batch = ethanol_conformers(6.5, count=2)
+    positions = batch.positions_angstrom.clone().requires_grad_(True)
+    features = model.backbone.input_features(batch.species_index, None, positions.dtype)
+    _, forces = hipnn_native.energies_and_forces(
+        HipnnWeights.of(model.backbone, model.heads["shared"]), features, positions, batch.neighbour_index, batch.neighbour_shift_angstrom,
+        batch.neighbour_mask, model.padding_component_angstrom(),
+    )
+    with pytest.raises(RuntimeError, match="no gradient with respect to positions"):
+        forces.sum().backward()
 
 
 def test_float32_matches_to_its_rounding() -> None:

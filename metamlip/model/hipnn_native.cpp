@@ -13,8 +13,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
+#include <type_traits>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -194,9 +196,275 @@ void add_sensitivity_adjoint(const Geometry& g, const Tensor& mu, const Tensor& 
   }
 }
 
+// Per-atom products over the neighbour slots: for each atom, matrices of k slots x v sensitivities
+// (sensitivities, their slopes and cotangents), k slots x f features (the neighbours' rows) and
+// v x f (its environment and cotangents). ATen's bmm spends most of its time per matrix at these
+// sizes (8 x 20 x 64 for ethanol); these loops keep a block of output columns in vector registers
+// (GCC's vector extension, 32 bytes: AVX2's width): about half its time at ethanol's sizes (BENCHMARKS.md).
+constexpr int64_t kVectorBytes = 32;
+
+template <typename T>
+struct Lanes {
+  typedef T vector __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t count = kVectorBytes / sizeof(T);
+  static vector load(const T* p) {
+    vector v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(T* p, const vector& v) { std::memcpy(p, &v, sizeof v); }
+};
+
+// Lanes 0-3 of the result: the sums of the lanes of a, b, c and d (pairwise shuffles, as AVX's hadd).
+template <typename T>
+typename Lanes<T>::vector four_totals(typename Lanes<T>::vector a, typename Lanes<T>::vector b, typename Lanes<T>::vector c,
+                                      typename Lanes<T>::vector d);
+
+template <>
+Lanes<float>::vector four_totals<float>(Lanes<float>::vector a, Lanes<float>::vector b, Lanes<float>::vector c, Lanes<float>::vector d) {
+  typedef int32_t index __attribute__((vector_size(kVectorBytes)));
+  const index even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+  const index low = {0, 1, 8, 9, 4, 5, 12, 13}, high = {2, 3, 10, 11, 6, 7, 14, 15}, halves = {4, 5, 6, 7, 0, 1, 2, 3};
+  const Lanes<float>::vector ab = __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);  // a0+a1, b0+b1, a2+a3, ...
+  const Lanes<float>::vector cd = __builtin_shuffle(c, d, even) + __builtin_shuffle(c, d, odd);
+  const Lanes<float>::vector quarters = __builtin_shuffle(ab, cd, low) + __builtin_shuffle(ab, cd, high);  // a0..a3, b0..b3, c0..c3, d0..d3, a4..a7, ...
+  return quarters + __builtin_shuffle(quarters, halves);
+}
+
+template <>
+Lanes<double>::vector four_totals<double>(Lanes<double>::vector a, Lanes<double>::vector b, Lanes<double>::vector c, Lanes<double>::vector d) {
+  typedef int64_t index __attribute__((vector_size(kVectorBytes)));
+  const index even = {0, 4, 2, 6}, odd = {1, 5, 3, 7}, low = {0, 1, 4, 5}, high = {2, 3, 6, 7};
+  const Lanes<double>::vector ab = __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);  // a0+a1, b0+b1, a2+a3, b2+b3
+  const Lanes<double>::vector cd = __builtin_shuffle(c, d, even) + __builtin_shuffle(c, d, odd);
+  return __builtin_shuffle(ab, cd, low) + __builtin_shuffle(ab, cd, high);
+}
+
+constexpr int64_t kMaxVectorsPerBlock = 8;  // accumulators held in registers (AVX2 has 16)
+
+// out_r (+)= sum_q c(q, r) right_q over the columns [column, column + B lanes), c(q, r) = coefficients[q * q_stride + r * r_stride].
+template <typename T, int B>
+void combine_block(const T* coefficients, int64_t q_stride, int64_t r_stride, const T* right, T* out, int64_t n_q, int64_t n_r, int64_t columns,
+                   int64_t column, bool accumulate) {
+  using L = Lanes<T>;
+  for (int64_t r = 0; r < n_r; ++r) {
+    typename L::vector total[B];
+    for (int b = 0; b < B; ++b) total[b] = accumulate ? L::load(out + r * columns + column + b * L::count) : typename L::vector{};
+    for (int64_t q = 0; q < n_q; ++q) {
+      const T c = coefficients[q * q_stride + r * r_stride];
+      const T* row = right + q * columns + column;
+      for (int b = 0; b < B; ++b) total[b] += c * L::load(row + b * L::count);
+    }
+    for (int b = 0; b < B; ++b) L::store(out + r * columns + column + b * L::count, total[b]);
+  }
+}
+
+// Calls block(std::integral_constant<int, B>, column) over `columns` in blocks of B <= kMaxVectorsPerBlock
+// vectors, and returns the first column past them (the rest are fewer than one vector).
+template <typename T, typename Block>
+int64_t vector_blocks(int64_t columns, Block&& block) {
+  constexpr int64_t lanes = Lanes<T>::count;
+  int64_t column = 0;
+  for (; column + kMaxVectorsPerBlock * lanes <= columns; column += kMaxVectorsPerBlock * lanes) block(std::integral_constant<int, kMaxVectorsPerBlock>{}, column);
+  const int64_t vectors = (columns - column) / lanes;
+  switch (vectors) {
+    case 7: block(std::integral_constant<int, 7>{}, column); break;
+    case 6: block(std::integral_constant<int, 6>{}, column); break;
+    case 5: block(std::integral_constant<int, 5>{}, column); break;
+    case 4: block(std::integral_constant<int, 4>{}, column); break;
+    case 3: block(std::integral_constant<int, 3>{}, column); break;
+    case 2: block(std::integral_constant<int, 2>{}, column); break;
+    case 1: block(std::integral_constant<int, 1>{}, column); break;
+    default: break;
+  }
+  return column + vectors * lanes;
+}
+
+// out_a (+)= op(left_a) right_a for every atom a: left (n, k, v), op(left) its transpose (v, k) or itself
+// (k, v); right (n, k, f) or (n, v, f); out (n, v, f) or (n, k, f). Contiguous tensors.
+template <typename T>
+void slot_product_loop(Tensor out, const Tensor& left, bool transpose_left, const Tensor& right, bool accumulate) {
+  const int64_t n_slots = left.size(1), n_sens = left.size(2), columns = right.size(2);
+  const int64_t n_q = transpose_left ? n_slots : n_sens, n_r = transpose_left ? n_sens : n_slots;
+  const int64_t q_stride = transpose_left ? n_sens : 1, r_stride = transpose_left ? 1 : n_sens;
+  const T* left_p = left.data_ptr<T>();
+  const T* right_p = right.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  at::parallel_for(0, left.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t atom = begin; atom < end; ++atom) {
+      const T* c = left_p + atom * n_slots * n_sens;
+      const T* r = right_p + atom * n_q * columns;
+      T* o = out_p + atom * n_r * columns;
+      const int64_t rest = vector_blocks<T>(columns, [&](auto vectors, int64_t column) {
+        combine_block<T, decltype(vectors)::value>(c, q_stride, r_stride, r, o, n_q, n_r, columns, column, accumulate);
+      });
+      for (int64_t row = 0; row < n_r; ++row) {
+        for (int64_t column = rest; column < columns; ++column) {
+          T total = accumulate ? o[row * columns + column] : T(0);
+          for (int64_t q = 0; q < n_q; ++q) total += c[q * q_stride + row * r_stride] * r[q * columns + column];
+          o[row * columns + column] = total;
+        }
+      }
+    }
+  });
+}
+
+// out_(slot, v) (+)= left_slot . right_v over the columns [column, column + B lanes), four v at a time.
+template <typename T, int B>
+void dot_block(const T* left, const T* right, T* out, int64_t n_slots, int64_t n_sens, int64_t columns, int64_t column, bool accumulate) {
+  using L = Lanes<T>;
+  const auto write = [&](T* o, T value) { *o = accumulate ? *o + value : value; };
+  for (int64_t slot = 0; slot < n_slots; ++slot) {
+    typename L::vector x[B];
+    for (int b = 0; b < B; ++b) x[b] = L::load(left + slot * columns + column + b * L::count);
+    T* o = out + slot * n_sens;
+    int64_t v = 0;
+    for (; v + 4 <= n_sens; v += 4) {
+      const T* y = right + v * columns + column;
+      typename L::vector partial[4];
+      for (int j = 0; j < 4; ++j) partial[j] = x[0] * L::load(y + j * columns);
+      for (int b = 1; b < B; ++b) {
+        for (int j = 0; j < 4; ++j) partial[j] += x[b] * L::load(y + j * columns + b * L::count);
+      }
+      const typename L::vector totals = four_totals<T>(partial[0], partial[1], partial[2], partial[3]);
+      for (int j = 0; j < 4; ++j) write(o + v + j, totals[j]);
+    }
+    for (; v < n_sens; ++v) {
+      const T* y = right + v * columns + column;
+      typename L::vector partial = x[0] * L::load(y);
+      for (int b = 1; b < B; ++b) partial += x[b] * L::load(y + b * L::count);
+      const typename L::vector zero{};
+      write(o + v, four_totals<T>(partial, zero, zero, zero)[0]);
+    }
+  }
+}
+
+// out_a (+)= left_a right_a^T for every atom a: left (n, k, f), right (n, v, f), out (n, k, v). Contiguous tensors.
+template <typename T>
+void slot_dot_loop(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
+  const int64_t n_slots = left.size(1), n_sens = right.size(1), columns = left.size(2);
+  const T* left_p = left.data_ptr<T>();
+  const T* right_p = right.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  at::parallel_for(0, left.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t atom = begin; atom < end; ++atom) {
+      const T* x = left_p + atom * n_slots * columns;
+      const T* y = right_p + atom * n_sens * columns;
+      T* o = out_p + atom * n_slots * n_sens;
+      bool add = accumulate;  // the first block of columns writes unless accumulating; later blocks add
+      const int64_t rest = vector_blocks<T>(columns, [&](auto vectors, int64_t column) {
+        dot_block<T, decltype(vectors)::value>(x, y, o, n_slots, n_sens, columns, column, add);
+        add = true;
+      });
+      if (rest == columns) continue;
+      for (int64_t slot = 0; slot < n_slots; ++slot) {
+        for (int64_t v = 0; v < n_sens; ++v) {
+          T total = add ? o[slot * n_sens + v] : T(0);
+          for (int64_t column = rest; column < columns; ++column) total += x[slot * columns + column] * y[v * columns + column];
+          o[slot * n_sens + v] = total;
+        }
+      }
+    }
+  });
+}
+
+// The displacement (r_j - r_i) + shift of every neighbour slot (n k, 3), `padding` in each component of
+// the slots that `mask` leaves out (Potential.neighbour_vectors_angstrom), and its length (n k,).
+template <typename T>
+std::pair<Tensor, Tensor> displacements(const Tensor& positions, const Tensor& flat_index, const Tensor& shift, const Tensor& mask, double padding) {
+  const int64_t slots = flat_index.numel(), n_slots = mask.size(1);
+  Tensor vector = torch::empty({slots, 3}, positions.options()), distance = torch::empty({slots}, positions.options());
+  const T* r = positions.data_ptr<T>();
+  const T* offset = shift.data_ptr<T>();
+  const bool* inside = mask.data_ptr<bool>();
+  const int64_t* neighbour = flat_index.data_ptr<int64_t>();
+  T* v = vector.data_ptr<T>();
+  T* d = distance.data_ptr<T>();
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const int64_t i = slot / n_slots, j = neighbour[slot];
+    T squared = 0;
+    for (int64_t c = 0; c < 3; ++c) {
+      const T x = inside[slot] ? (r[3 * j + c] - r[3 * i + c]) + offset[3 * slot + c] : T(padding);
+      v[3 * slot + c] = x;
+      squared += x * x;
+    }
+    d[slot] = std::sqrt(squared);
+  }
+  return {vector, distance};
+}
+
+// Forces (n, 3) from dE/d(distance) of every slot: with G = dE/d(distance) v / |v|, each slot adds G
+// to its atom and takes it from its neighbour (Potential.hipnn_forward).
+template <typename T>
+Tensor slot_forces(const Tensor& distance_gradient, const Tensor& vector, const Tensor& distance, const Tensor& flat_index, int64_t n_atoms) {
+  Tensor forces = torch::zeros({n_atoms, 3}, vector.options());
+  const T *g = distance_gradient.data_ptr<T>(), *v = vector.data_ptr<T>(), *d = distance.data_ptr<T>();
+  const int64_t* neighbour = flat_index.data_ptr<int64_t>();
+  const int64_t slots = flat_index.numel(), n_slots = slots / std::max<int64_t>(n_atoms, 1);
+  T* f = forces.data_ptr<T>();
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const int64_t i = slot / n_slots, j = neighbour[slot];
+    const T scale = g[slot] / d[slot];
+    for (int64_t c = 0; c < 3; ++c) {
+      const T component = scale * v[3 * slot + c];
+      f[3 * i + c] += component;
+      f[3 * j + c] -= component;
+    }
+  }
+  return forces;
+}
+
+// d(loss)/d(dE/d(distance)) (n, k) from d(loss)/d(forces) (n, 3): the adjoint of slot_forces.
+template <typename T>
+Tensor slot_forces_adjoint(const Tensor& force_cotangent, const Tensor& vector, const Tensor& distance, const Tensor& flat_index, int64_t n_slots) {
+  const int64_t slots = flat_index.numel();
+  Tensor out = torch::empty({slots / std::max<int64_t>(n_slots, 1), n_slots}, vector.options());
+  const T *fc = force_cotangent.data_ptr<T>(), *v = vector.data_ptr<T>(), *d = distance.data_ptr<T>();
+  const int64_t* neighbour = flat_index.data_ptr<int64_t>();
+  T* o = out.data_ptr<T>();
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const int64_t i = slot / n_slots, j = neighbour[slot];
+    T total = 0;
+    for (int64_t c = 0; c < 3; ++c) total += v[3 * slot + c] * (fc[3 * i + c] - fc[3 * j + c]);
+    o[slot] = total / d[slot];
+  }
+  return out;
+}
+
 // Each element-wise kernel for the tensors' dtype (float32 or float64).
 #define METAMLIP_DISPATCH(tensor, function, ...) \
   ((tensor).scalar_type() == torch::kFloat ? function<float>(__VA_ARGS__) : function<double>(__VA_ARGS__))
+
+// op(left_a) right_a for every atom a (slot_product_loop), written into `out` or, with `accumulate`, added to it.
+void slot_product_into(Tensor out, const Tensor& left, bool transpose_left, const Tensor& right, bool accumulate) {
+  TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
+  METAMLIP_DISPATCH(right, slot_product_loop, out, left.contiguous(), transpose_left, right.contiguous(), accumulate);
+}
+
+Tensor slot_product(const Tensor& left, bool transpose_left, const Tensor& right) {
+  Tensor out = torch::empty({left.size(0), left.size(transpose_left ? 2 : 1), right.size(2)}, right.options());
+  slot_product_into(out, left, transpose_left, right, false);
+  return out;
+}
+
+// left_a right_a^T for every atom a (slot_dot_loop), written into `out` or, with `accumulate`, added to it.
+// Rows narrower than a vector (the first interaction's one-hot input) go as left_a (right_a^T) instead,
+// with right transposed: then the vectors run along the sensitivities.
+void slot_dots_into(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
+  TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
+  if (right.size(2) * right.element_size() < kVectorBytes) {
+    slot_product_into(out, left, false, right.transpose(1, 2).contiguous(), accumulate);
+  } else {
+    METAMLIP_DISPATCH(right, slot_dot_loop, out, left.contiguous(), right.contiguous(), accumulate);
+  }
+}
+
+Tensor slot_dots(const Tensor& left, const Tensor& right) {
+  Tensor out = torch::empty({left.size(0), left.size(1), right.size(1)}, right.options());
+  slot_dots_into(out, left, right, false);
+  return out;
+}
+
 
 // rows @ matrix, once when every row is the same (the head's weights broadcast over atoms).
 Tensor row_product(const Tensor& rows, const Tensor& matrix) {
@@ -251,6 +519,7 @@ struct Trace {
   std::vector<Block> blocks;
   std::vector<Tensor> read_out_weights, read_out_biases;  // (1, f_b) for the input and each block; (1,) each block
   Tensor input_features, flat_index;                      // (n, f_0), (n k,)
+  Tensor vector, distance;                                // (n, k, 3), (n, k) when built from positions (forward_forces)
   int64_t n_atoms = 0, n_slots = 0, chunk_bytes = 0;
   std::map<double, Geometry> geometries;                  // by cutoff
   std::vector<BlockRecord> records;
@@ -316,7 +585,7 @@ std::vector<Tensor> forward_and_force(Trace& t, const Tensor& distance) {
       const Tensor rows = neighbour_rows(features, t.flat_index.narrow(0, first * k, (last - first) * k), last - first, k);
       Tensor part = r.environment.narrow(0, first, last - first);
       Tensor part_by_sensitivity = part.view({last - first, n_sens, n_in});
-      torch::bmm_out(part_by_sensitivity, values.transpose(1, 2), rows);
+      slot_product_into(part_by_sensitivity, values, true, rows, false);
       pre_activation.narrow(0, first, last - first).addmm_(part, w.matrix.t());
       r.values.push_back(values);
       r.sensitivity_slopes.push_back(slopes);
@@ -359,9 +628,9 @@ std::vector<Tensor> forward_and_force(Trace& t, const Tensor& distance) {
       Tensor part = r.environment_gradient.narrow(0, first, last - first);
       torch::mm_out(part, r.pre_activation_gradient.narrow(0, first, last - first), w.matrix);
       const Tensor environment_gradient = part.view({last - first, n_sens, n_in});
-      r.sensitivity_gradient.push_back(torch::bmm(neighbour_rows(r.features, index, last - first, k), environment_gradient.transpose(1, 2)));
+      r.sensitivity_gradient.push_back(slot_dots(neighbour_rows(r.features, index, last - first, k), environment_gradient));
       METAMLIP_DISPATCH(distance, add_slot_sums, r.sensitivity_gradient.back(), r.sensitivity_slopes[c], distance_gradient.narrow(0, first, last - first));
-      if (b > 0) input_gradient.index_add_(0, index, torch::bmm(r.values[c], environment_gradient).view({-1, n_in}));  // s dE/d(environment) to each neighbour
+      if (b > 0) input_gradient.index_add_(0, index, slot_product(r.values[c], false, environment_gradient).view({-1, n_in}));  // s dE/d(environment) to each neighbour
     }
     if (b > 0) gradient = input_gradient.add_(t.read_out_weights[b]);
   }
@@ -403,12 +672,11 @@ std::pair<Tensor, Tensor> interaction_force_adjoint(Trace& t, size_t b, const Te
     left.sensitivity_gradient_cotangent = slot_part * r.sensitivity_slopes[c];
     left.slopes_cotangent = slot_part * r.sensitivity_gradient[c];
     const Tensor environment_gradient = r.environment_gradient.narrow(0, first, last - first).view({last - first, n_sens, n_in});
-    Tensor environment_gradient_cotangent =
-        torch::bmm(left.sensitivity_gradient_cotangent.transpose(1, 2), neighbour_rows(r.features, index, last - first, k));
+    Tensor environment_gradient_cotangent = slot_product(left.sensitivity_gradient_cotangent, true, neighbour_rows(r.features, index, last - first, k));
     if (input_gradient_cotangent.defined()) {  // dE/dx was scattered to the neighbours: its cotangent is gathered
       const Tensor spread = neighbour_rows(input_gradient_cotangent, index, last - first, k);
-      left.values_cotangent = torch::bmm(spread, environment_gradient.transpose(1, 2));
-      environment_gradient_cotangent.baddbmm_(r.values[c].transpose(1, 2), spread);
+      left.values_cotangent = slot_dots(spread, environment_gradient);
+      slot_product_into(environment_gradient_cotangent, r.values[c], true, spread, true);
     }
     const Tensor flat_cotangent = environment_gradient_cotangent.view({last - first, n_sens * n_in});
     pre_activation_cotangent.narrow(0, first, last - first).addmm_(flat_cotangent, w.matrix.t());
@@ -477,15 +745,16 @@ Tensor interaction_adjoint(Trace& t, size_t b, const Tensor& output_cotangent, c
     const Tensor rows = neighbour_rows(r.features, index, last - first, k);
     Tensor& values_cotangent = carried[c].values_cotangent;
     if (values_cotangent.defined()) {
-      values_cotangent.baddbmm_(rows, environment_cotangent.transpose(1, 2));
+      slot_dots_into(values_cotangent, rows, environment_cotangent, true);
     } else {
-      values_cotangent = torch::bmm(rows, environment_cotangent.transpose(1, 2));
+      values_cotangent = slot_dots(rows, environment_cotangent);
     }
     METAMLIP_DISPATCH(r.features, add_sensitivity_adjoint, t.geometries.at(w.cutoff_angstrom), w.mu, w.sigma, first, last, r.values[c],
                                                            r.sensitivity_slopes[c], values_cotangent, carried[c].slopes_cotangent, mu_sum, sigma_sum);
     if (input_cotangent.defined()) {  // both products reach the neighbours' features: scattered back to them
       const Tensor environment_gradient = r.environment_gradient.narrow(0, first, last - first).view({last - first, n_sens, n_in});
-      const Tensor message = torch::bmm(r.values[c], environment_cotangent).baddbmm_(carried[c].sensitivity_gradient_cotangent, environment_gradient);
+      const Tensor message = slot_product(r.values[c], false, environment_cotangent);
+      slot_product_into(message, carried[c].sensitivity_gradient_cotangent, false, environment_gradient, true);
       input_cotangent.index_add_(0, index, message.view({-1, n_in}));
     }
   }
@@ -561,6 +830,12 @@ std::shared_ptr<Trace> make_trace(const std::vector<Tensor>& interactions, const
   return t;
 }
 
+// `backward` as Python takes it: the weight gradients and d(loss)/d(input features) or None.
+pybind11::tuple backward_result(Trace& t, const Tensor& energy_cotangent, const Tensor& distance_cotangent, bool input_cotangent) {
+  auto [gradients, input] = backward(t, energy_cotangent.contiguous(), distance_cotangent.contiguous(), input_cotangent);
+  return pybind11::make_tuple(gradients, input.defined() ? pybind11::cast(input) : pybind11::none());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -580,8 +855,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def(
       "backward",
       [](const std::shared_ptr<Trace>& trace, const Tensor& energy_cotangent, const Tensor& distance_cotangent, bool input_cotangent) {
-        auto [gradients, input] = backward(*trace, energy_cotangent.contiguous(), distance_cotangent.contiguous(), input_cotangent);
-        return std::make_tuple(gradients, input.defined() ? pybind11::cast(input) : pybind11::none());
+        return backward_result(*trace, energy_cotangent, distance_cotangent, input_cotangent);
       },
       "Weight gradients (HipnnWeights.tensors() order) and d(loss)/d(input features) (or None) of a loss on the energies and distance gradient");
+  module.def(
+      "forward_forces",
+      [](const std::vector<Tensor>& interactions, const std::vector<Tensor>& atom_layers, int64_t layers_per_block, const std::vector<double>& cutoffs,
+         const std::vector<Tensor>& read_out_weights, const std::vector<Tensor>& read_out_biases, const Tensor& input_features,
+         const Tensor& neighbour_index, const Tensor& positions, const Tensor& shift, const Tensor& mask, double padding, int64_t chunk_bytes) {
+        torch::NoGradGuard no_grad;
+        TORCH_CHECK(positions.scalar_type() == input_features.scalar_type() && shift.scalar_type() == input_features.scalar_type(),
+                    "positions, shifts and features differ in dtype");
+        const Tensor flat_index = neighbour_index.reshape(-1).contiguous();
+        auto [vector, distance] = METAMLIP_DISPATCH(positions, displacements, positions.contiguous(), flat_index, shift.contiguous(), mask.contiguous(), padding);
+        distance = distance.view(neighbour_index.sizes());
+        auto trace = make_trace(interactions, atom_layers, layers_per_block, cutoffs, read_out_weights, read_out_biases, input_features,
+                                neighbour_index, distance, chunk_bytes);
+        const auto outputs = forward_and_force(*trace, distance);
+        trace->vector = vector;
+        trace->distance = distance;
+        const Tensor forces = METAMLIP_DISPATCH(positions, slot_forces, outputs[1], vector, distance, flat_index, trace->n_atoms);
+        return std::make_tuple(outputs[0], forces, trace);
+      },
+      "HIP-NN atom energies (n,) and forces (n, 3) from positions, neighbour slots (index, shift, mask) and the padding vector's "
+      "component, and the trace for `backward_forces`");
+  module.def(
+      "backward_forces",
+      [](const std::shared_ptr<Trace>& trace, const Tensor& energy_cotangent, const Tensor& force_cotangent, bool input_cotangent) {
+        const Tensor distance_cotangent = METAMLIP_DISPATCH(force_cotangent, slot_forces_adjoint, force_cotangent.contiguous(), trace->vector,
+                                                            trace->distance, trace->flat_index, trace->n_slots);
+        return backward_result(*trace, energy_cotangent, distance_cotangent, input_cotangent);
+      },
+      "Weight gradients (HipnnWeights.tensors() order) and d(loss)/d(input features) (or None) of a loss on the energies and forces");
 }

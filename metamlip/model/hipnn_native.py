@@ -71,6 +71,17 @@ def forward_and_force(
     return native_module().forward(*kernel_arguments(weights), input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES)
 
 
+def forward_forces(
+    weights: HipnnWeights, input_features: torch.Tensor, positions_angstrom: torch.Tensor, neighbour_index: torch.Tensor,
+    neighbour_shift_angstrom: torch.Tensor, neighbour_mask: torch.Tensor, padding_angstrom: float,
+) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The extension's passes from positions: atom energies, forces and the trace (for `backward_forces`)."""
+    return native_module().forward_forces(
+        *kernel_arguments(weights), input_features, neighbour_index, positions_angstrom, neighbour_shift_angstrom, neighbour_mask,
+        padding_angstrom, hipnn_forces.SLOT_CHUNK_BYTES,
+    )
+
+
 class NativeEnergyForces(torch.autograd.Function):
     """`hipnn_forces.HipnnEnergyForces` with both passes and the written-out backward in C++.
     Arguments: `HipnnWeights`, neighbour index (n, k), distances (n, k), input features (n, f_0),
@@ -87,6 +98,39 @@ class NativeEnergyForces(torch.autograd.Function):
             raise RuntimeError("HIP-NN's hand-written forces have no gradient with respect to distances (no Hessians)")
         gradients, input_cotangent = native_module().backward(ctx.trace, energy_cotangent, distance_cotangent, ctx.needs_input_grad[3])
         return (None, None, None, input_cotangent, *gradients)
+
+
+class NativeForces(torch.autograd.Function):
+    """`NativeEnergyForces` with the displacements, distances and forces in C++ too: from positions to
+    atom energies and forces. Arguments: `HipnnWeights`, neighbour index, shift and mask (n, k, ...),
+    the padding vector's component, positions (n, 3), input features, then the weights' `tensors()`."""
+
+    @staticmethod
+    def forward(ctx, weights, neighbour_index, shift, mask, padding, positions, input_features, *weight_tensors):
+        energies, forces, ctx.trace = forward_forces(weights, input_features, positions, neighbour_index, shift, mask, padding)
+        return energies, forces
+
+    @staticmethod
+    def backward(ctx, energy_cotangent, force_cotangent):
+        if ctx.needs_input_grad[5]:
+            raise RuntimeError("HIP-NN's hand-written forces have no gradient with respect to positions (no Hessians)")
+        gradients, input_cotangent = native_module().backward_forces(ctx.trace, energy_cotangent, force_cotangent, ctx.needs_input_grad[6])
+        return (None, None, None, None, None, None, input_cotangent, *gradients)
+
+
+def energies_and_forces(
+    weights: HipnnWeights, input_features: torch.Tensor, positions_angstrom: torch.Tensor, neighbour_index: torch.Tensor,
+    neighbour_shift_angstrom: torch.Tensor, neighbour_mask: torch.Tensor, padding_angstrom: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) atom energies and (n, 3) forces in eV/Angstrom from positions and neighbour slots (index,
+    periodic shift and mask, each (n, k, ...); `padding_angstrom` in each component of a padded slot's
+    displacement), all in the compiled extension; with gradients on, both carry the written-out
+    backward to the weights (and the input features)."""
+    arguments = (neighbour_index, neighbour_shift_angstrom, neighbour_mask, padding_angstrom, positions_angstrom, input_features)
+    if torch.is_grad_enabled():
+        return NativeForces.apply(weights, *arguments, *weights.tensors())
+    energies, forces, _ = forward_forces(weights, input_features, positions_angstrom, neighbour_index, neighbour_shift_angstrom, neighbour_mask, padding_angstrom)
+    return energies, forces
 
 
 def energies_and_distance_gradient(

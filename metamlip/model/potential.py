@@ -21,7 +21,8 @@ from metamlip.levels import normalise_level
 from metamlip.model.backbone_choice import BackboneConfig, backbone_config, backbone_name, build_backbone
 from metamlip.model.energy_head import HierarchicalEnergyHead, structure_sums
 from metamlip.model.hipnn import HipnnBackbone
-from metamlip.model.hipnn_forces import energies_and_distance_gradient
+from metamlip.model import hipnn_native
+from metamlip.model.hipnn_forces import HipnnWeights, energies_and_distance_gradient
 
 SHARED_HEAD = "shared"
 
@@ -133,9 +134,7 @@ class Potential(nn.Module):
         is not cached yet (~30 s once; needs a C++ compiler): a failed build is an InputError."""
         self.require_hipnn("native", native)
         if native:
-            from metamlip.model.hipnn_native import native_module
-
-            native_module()
+            hipnn_native.native_module()
         self.native = native
         return self
 
@@ -192,24 +191,44 @@ class Potential(nn.Module):
     def hipnn_forward(self, batch: Batch, level: str, create_graph: bool, stress: bool) -> Prediction:
         """`forward` of a HIP-NN model with forces: the network gives dE/d(distance) of every
         neighbour slot (`metamlip.model.hipnn_forces`), whose backward (training on forces) is
-        first order, so no double backward runs and inference builds no graph."""
+        first order, so no double backward runs and inference builds no graph. With the native
+        kernels on the CPU and no stress asked, the extension goes from positions to forces itself."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and create_graph):
-            vector = self.neighbour_vectors_angstrom(batch, batch.positions_angstrom.detach())
-            distance = torch.linalg.vector_norm(vector, dim=-1)
-            features = self.backbone.input_features(batch.species_index, self.level_features(level), distance.dtype)
+            positions = batch.positions_angstrom.detach()
+            features = self.backbone.input_features(batch.species_index, self.level_features(level), positions.dtype)
             head = self.heads[self.level_heads[level]]
-            atom_residual, distance_gradient = energies_and_distance_gradient(
-                self.backbone, head, features, batch.neighbour_index, distance, compiled=self.compiled, native=self.native
-            )
-            slot_gradient = (distance_gradient / distance).unsqueeze(-1) * vector  # (n_atoms, k, 3) dE/d(displacement)
-            # F_i = sum_k G_ik - sum of G over the slots whose neighbour is i (index_add_ with alpha=-1 is 10x slower)
-            minus_force = slot_gradient.sum(1).neg_().index_add_(0, batch.neighbour_index.reshape(-1), slot_gradient.view(-1, 3))
-            force = minus_force.neg_()
-            strain_derivative = displacement_virial(vector, slot_gradient, batch) if stress else None
+            if self.native and not stress and positions.device.type == "cpu":
+                atom_residual, force = hipnn_native.energies_and_forces(
+                    HipnnWeights.of(self.backbone, head), features, positions, batch.neighbour_index, batch.neighbour_shift_angstrom,
+                    batch.neighbour_mask, self.padding_component_angstrom(),
+                )
+                strain_derivative = None
+            else:
+                atom_residual, force, strain_derivative = self.hipnn_forces_from_distances(batch, positions, features, head, stress)
         residual = structure_sums(atom_residual, batch.structure_index, batch.n_structures)
         atom_reference = self.atom_reference_energy_ev(batch, level)
         reference = structure_sums(atom_reference, batch.structure_index, batch.n_structures)
         return Prediction(residual, reference, force, atom_residual, atom_reference, strain_derivative)
+
+    def hipnn_forces_from_distances(
+        self, batch: Batch, positions: torch.Tensor, features: torch.Tensor, head: HierarchicalEnergyHead, stress: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Atom energies, forces and (with `stress`) dE/d(strain) of `hipnn_forward` from the slots'
+        distances and dE/d(distance)."""
+        vector = self.neighbour_vectors_angstrom(batch, positions)
+        distance = torch.linalg.vector_norm(vector, dim=-1)
+        atom_residual, distance_gradient = energies_and_distance_gradient(
+            self.backbone, head, features, batch.neighbour_index, distance, compiled=self.compiled, native=self.native
+        )
+        slot_gradient = (distance_gradient / distance).unsqueeze(-1) * vector  # (n_atoms, k, 3) dE/d(displacement)
+        # F_i = sum_k G_ik - sum of G over the slots whose neighbour is i (index_add_ with alpha=-1 is 10x slower)
+        minus_force = slot_gradient.sum(1).neg_().index_add_(0, batch.neighbour_index.reshape(-1), slot_gradient.view(-1, 3))
+        strain_derivative = displacement_virial(vector, slot_gradient, batch) if stress else None
+        return atom_residual, minus_force.neg_(), strain_derivative
+
+    def padding_component_angstrom(self) -> float:
+        """Each component of a padded slot's displacement: its length is twice the cutoff."""
+        return 2.0 * self.config.cutoff_angstrom / 3.0**0.5
 
     def neighbour_vectors_angstrom(
         self, batch: Batch, positions: torch.Tensor, strain: torch.Tensor | None = None
@@ -226,7 +245,7 @@ class Potential(nn.Module):
         if strain is not None:
             symmetric = 0.5 * (strain + strain.transpose(1, 2))
             vector = vector + vector @ symmetric[batch.structure_index]
-        padding = torch.full_like(vector, 2.0 * self.config.cutoff_angstrom / 3.0**0.5)
+        padding = torch.full_like(vector, self.padding_component_angstrom())
         return torch.where(batch.neighbour_mask.unsqueeze(-1), vector, padding)
 
     def describe(self) -> dict:
