@@ -115,6 +115,32 @@ def test_forces_from_positions_have_no_position_gradient() -> None:
         forces.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("slots", "sensitivities", "features"), [(8, 20, 64), (3, 5, 3), (26, 7, 70), (1, 4, 37)])
+def test_slot_products_equal_batched_matrix_products(dtype: torch.dtype, slots: int, sensitivities: int, features: int) -> None:
+    """The extension's per-atom products, written and accumulated, against torch.bmm: widths below one
+    vector, of whole vectors, and beyond a block of eight with elements left over."""
+    native = hipnn_native.native_module()
+    generator = torch.Generator().manual_seed(1)
+    by_slot, by_sensitivity, dots = (slots, features), (sensitivities, features), (slots, sensitivities)
+    values, rows, environment, start_environment, start_messages, start_dots = (
+        torch.randn(11, *shape, generator=generator, dtype=dtype) for shape in (dots, by_slot, by_sensitivity, by_sensitivity, by_slot, dots)
+    )
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    cases = {
+        "s^T x": (lambda out, add: native.slot_product_into(out, values, True, rows, add), torch.bmm(values.transpose(1, 2), rows), start_environment),
+        "s e": (lambda out, add: native.slot_product_into(out, values, False, environment, add), torch.bmm(values, environment), start_messages),
+        "x e^T": (lambda out, add: native.slot_dots_into(out, rows, environment, add), torch.bmm(rows, environment.transpose(1, 2)), start_dots),
+    }
+    for name, (product, expected, start) in cases.items():
+        written = torch.full_like(expected, float("nan"))
+        product(written, False)
+        assert_relative_close(written, expected, name, tolerance)
+        accumulated = start.clone()
+        product(accumulated, True)
+        assert_relative_close(accumulated, start + expected, f"{name}, accumulated", tolerance)
+
+
 def test_float32_matches_to_its_rounding() -> None:
     assert_native_matches_python(ethanol_model(dtype=torch.float32), ethanol_conformers(6.5, torch.float32), tolerance=1e-5)
 

@@ -435,9 +435,22 @@ Tensor slot_forces_adjoint(const Tensor& force_cotangent, const Tensor& vector, 
 #define METAMLIP_DISPATCH(tensor, function, ...) \
   ((tensor).scalar_type() == torch::kFloat ? function<float>(__VA_ARGS__) : function<double>(__VA_ARGS__))
 
+// Rows narrower than one vector (the first interaction's one-hot input) go to ATen's bmm, faster there (BENCHMARKS.md).
+bool narrow(const Tensor& rows) { return rows.size(-1) * rows.element_size() < kVectorBytes; }
+
+// out (+)= left right per atom (ATen's batched product), written or, with `accumulate`, added.
+void batched_product_into(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
+  if (accumulate) {
+    out.baddbmm_(left, right);
+  } else {
+    torch::bmm_out(out, left, right);
+  }
+}
+
 // op(left_a) right_a for every atom a (slot_product_loop), written into `out` or, with `accumulate`, added to it.
 void slot_product_into(Tensor out, const Tensor& left, bool transpose_left, const Tensor& right, bool accumulate) {
   TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
+  if (narrow(right)) return batched_product_into(out, transpose_left ? left.transpose(1, 2) : left, right, accumulate);
   METAMLIP_DISPATCH(right, slot_product_loop, out, left.contiguous(), transpose_left, right.contiguous(), accumulate);
 }
 
@@ -448,15 +461,10 @@ Tensor slot_product(const Tensor& left, bool transpose_left, const Tensor& right
 }
 
 // left_a right_a^T for every atom a (slot_dot_loop), written into `out` or, with `accumulate`, added to it.
-// Rows narrower than a vector (the first interaction's one-hot input) go as left_a (right_a^T) instead,
-// with right transposed: then the vectors run along the sensitivities.
 void slot_dots_into(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
   TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
-  if (right.size(2) * right.element_size() < kVectorBytes) {
-    slot_product_into(out, left, false, right.transpose(1, 2).contiguous(), accumulate);
-  } else {
-    METAMLIP_DISPATCH(right, slot_dot_loop, out, left.contiguous(), right.contiguous(), accumulate);
-  }
+  if (narrow(right)) return batched_product_into(out, left, right.transpose(1, 2), accumulate);
+  METAMLIP_DISPATCH(right, slot_dot_loop, out, left.contiguous(), right.contiguous(), accumulate);
 }
 
 Tensor slot_dots(const Tensor& left, const Tensor& right) {
@@ -858,6 +866,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         return backward_result(*trace, energy_cotangent, distance_cotangent, input_cotangent);
       },
       "Weight gradients (HipnnWeights.tensors() order) and d(loss)/d(input features) (or None) of a loss on the energies and distance gradient");
+  module.def("slot_product_into", &slot_product_into, "out (+)= op(left_a) right_a per atom, op the transpose or not (for tests and benchmarks)");
+  module.def("slot_dots_into", &slot_dots_into, "out (+)= left_a right_a^T per atom (for tests and benchmarks)");
   module.def(
       "forward_forces",
       [](const std::vector<Tensor>& interactions, const std::vector<Tensor>& atom_layers, int64_t layers_per_block, const std::vector<double>& cutoffs,
