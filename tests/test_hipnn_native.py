@@ -1,9 +1,10 @@
 """HIP-NN through the compiled C++ extension (metamlip.model.hipnn_native, opt-in with
 `Potential.use_native`) equals the Python kernels: energies, forces and stress, and the weight
 gradients of a loss on energies and forces, in float64 to 1e-12 relative, for molecules with padded
-slots, a periodic box with level embeddings and three interaction layers, chunked slot products, an
-empty batch and along ASE molecular dynamics; float32 to float32's rounding. A failed build is an
-InputError.
+slots, a periodic box with level embeddings and three interaction layers (from positions, and from
+distances when stress is asked), chunked slot products, feature widths across the vector blocks of the
+slot products, an empty batch and along ASE molecular dynamics; float32 to float32's rounding. The
+slot products equal torch.bmm, written and accumulated. A failed build is an InputError.
 
 The extension is built once per machine (~30 s, then cached); these tests need a C++ compiler."""
 

@@ -3,11 +3,13 @@
 //
 // `forward` runs the forward pass and the force pass (atom energies and dE/d(distance) of every
 // neighbour slot) and keeps their trace; `backward` is the written-out gradient of a loss on both
-// with respect to every weight (and the input features). Matrix products stay ATen's (MKL); what
-// this adds is no Python between the ~150 (forward) and ~300 (backward) operations of a step, and
-// fused loops for the element-wise work: the cutoff terms, the sensitivities with their distance
-// slopes, softplus and sigmoid from one exponential, the slot sum of the sensitivity gradient, the
-// activation adjoint and the sensitivity adjoint. Built on first use by hipnn_native.py.
+// with respect to every weight (and the input features). `forward_forces` / `backward_forces` do the
+// same from positions to forces (displacements, distances and the force assembly here too). Matrix
+// products stay ATen's (MKL); what this adds is no Python between the ~150 (forward) and ~300
+// (backward) operations of a step, the per-atom slot products as vector loops, and fused loops for
+// the element-wise work: the cutoff terms, the sensitivities with their distance slopes, softplus and
+// sigmoid from one exponential, the slot sum of the sensitivity gradient, the activation adjoint and
+// the sensitivity adjoint. Built on first use by hipnn_native.py.
 
 #include <torch/extension.h>
 

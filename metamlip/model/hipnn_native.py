@@ -2,8 +2,10 @@
 
 Opt-in (`Potential.use_native`): the same kernels as `hipnn_forces` (forward and force passes) and
 `hipnn_force_training` (the written-out backward), operation for operation, without Python between
-the operations and with the element-wise work fused. On the CPU only; other devices keep the Python
-kernels.
+the operations, with the element-wise work fused and the per-atom slot products as vector loops.
+`energies_and_forces` goes from positions to forces (what `Potential.hipnn_forward` does without
+stress); `energies_and_distance_gradient` from distances. On the CPU only; other devices keep the
+Python kernels.
 
 The extension is compiled with torch.utils.cpp_extension (GCC on Linux and Python's headers are
 needed; ~30 s once, then cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
