@@ -202,7 +202,8 @@ void add_sensitivity_adjoint(const Geometry& g, const Tensor& mu, const Tensor& 
 // (sensitivities, their slopes and cotangents), k slots x f features (the neighbours' rows) and
 // v x f (its environment and cotangents). ATen's bmm spends most of its time per matrix at these
 // sizes (8 x 20 x 64 for ethanol); these loops keep a block of output columns in vector registers
-// (GCC's vector extension, 32 bytes: AVX2's width): about half its time at ethanol's sizes (BENCHMARKS.md).
+// (GCC's vector extension, 32 bytes: AVX2's width): 0.57-0.95 of its time at ethanol's sizes, 0.35-0.55
+// at the SPICE molecule's (float32, benchmarks/bench_slot_products.py).
 constexpr int64_t kVectorBytes = 32;
 
 template <typename T>

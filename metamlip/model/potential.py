@@ -18,10 +18,10 @@ from metamlip.data.batching import Batch
 from metamlip.data.references import EnergyReference
 from metamlip.errors import InputError
 from metamlip.levels import normalise_level
+from metamlip.model import hipnn_native
 from metamlip.model.backbone_choice import BackboneConfig, backbone_config, backbone_name, build_backbone
 from metamlip.model.energy_head import HierarchicalEnergyHead, structure_sums
 from metamlip.model.hipnn import HipnnBackbone
-from metamlip.model import hipnn_native
 from metamlip.model.hipnn_forces import HipnnWeights, energies_and_distance_gradient
 
 SHARED_HEAD = "shared"
