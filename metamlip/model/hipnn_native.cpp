@@ -399,11 +399,11 @@ std::pair<Tensor, Tensor> displacements(const Tensor& positions, const Tensor& f
 // Forces (n, 3) from dE/d(distance) of every slot: with G = dE/d(distance) v / |v|, each slot adds G
 // to its atom and takes it from its neighbour (Potential.hipnn_forward).
 template <typename T>
-Tensor slot_forces(const Tensor& distance_gradient, const Tensor& vector, const Tensor& distance, const Tensor& flat_index, int64_t n_atoms) {
-  Tensor forces = torch::zeros({n_atoms, 3}, vector.options());
+Tensor slot_forces(const Tensor& distance_gradient, const Tensor& vector, const Tensor& distance, const Tensor& flat_index) {
+  Tensor forces = torch::zeros({distance.size(0), 3}, vector.options());
   const T *g = distance_gradient.data_ptr<T>(), *v = vector.data_ptr<T>(), *d = distance.data_ptr<T>();
   const int64_t* neighbour = flat_index.data_ptr<int64_t>();
-  const int64_t slots = flat_index.numel(), n_slots = slots / std::max<int64_t>(n_atoms, 1);
+  const int64_t slots = flat_index.numel(), n_slots = distance.size(1);
   T* f = forces.data_ptr<T>();
   for (int64_t slot = 0; slot < slots; ++slot) {
     const int64_t i = slot / n_slots, j = neighbour[slot];
@@ -419,9 +419,9 @@ Tensor slot_forces(const Tensor& distance_gradient, const Tensor& vector, const 
 
 // d(loss)/d(dE/d(distance)) (n, k) from d(loss)/d(forces) (n, 3): the adjoint of slot_forces.
 template <typename T>
-Tensor slot_forces_adjoint(const Tensor& force_cotangent, const Tensor& vector, const Tensor& distance, const Tensor& flat_index, int64_t n_slots) {
-  const int64_t slots = flat_index.numel();
-  Tensor out = torch::empty({slots / std::max<int64_t>(n_slots, 1), n_slots}, vector.options());
+Tensor slot_forces_adjoint(const Tensor& force_cotangent, const Tensor& vector, const Tensor& distance, const Tensor& flat_index) {
+  const int64_t slots = flat_index.numel(), n_slots = distance.size(1);
+  Tensor out = torch::empty_like(distance);
   const T *fc = force_cotangent.data_ptr<T>(), *v = vector.data_ptr<T>(), *d = distance.data_ptr<T>();
   const int64_t* neighbour = flat_index.data_ptr<int64_t>();
   T* o = out.data_ptr<T>();
@@ -887,7 +887,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         const auto outputs = forward_and_force(*trace, distance);
         trace->vector = vector;
         trace->distance = distance;
-        const Tensor forces = METAMLIP_DISPATCH(positions, slot_forces, outputs[1], vector, distance, flat_index, trace->n_atoms);
+        const Tensor forces = METAMLIP_DISPATCH(positions, slot_forces, outputs[1], vector, distance, flat_index);
         return std::make_tuple(outputs[0], forces, trace);
       },
       "HIP-NN atom energies (n,) and forces (n, 3) from positions, neighbour slots (index, shift, mask) and the padding vector's "
@@ -895,8 +895,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def(
       "backward_forces",
       [](const std::shared_ptr<Trace>& trace, const Tensor& energy_cotangent, const Tensor& force_cotangent, bool input_cotangent) {
-        const Tensor distance_cotangent = METAMLIP_DISPATCH(force_cotangent, slot_forces_adjoint, force_cotangent.contiguous(), trace->vector,
-                                                            trace->distance, trace->flat_index, trace->n_slots);
+        const Tensor distance_cotangent =
+            METAMLIP_DISPATCH(force_cotangent, slot_forces_adjoint, force_cotangent.contiguous(), trace->vector, trace->distance, trace->flat_index);
         return backward_result(*trace, energy_cotangent, distance_cotangent, input_cotangent);
       },
       "Weight gradients (HipnnWeights.tensors() order) and d(loss)/d(input features) (or None) of a loss on the energies and forces");

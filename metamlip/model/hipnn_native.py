@@ -65,59 +65,49 @@ def kernel_arguments(weights: HipnnWeights) -> list:
     return [interactions, atom_layers, len(weights.atom_layers[0]), cutoffs, weights.read_out_weights, weights.read_out_biases]
 
 
-def forward_and_force(
-    weights: HipnnWeights, input_features: torch.Tensor, neighbour_index: torch.Tensor, distance_angstrom: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """The extension's forward and force passes: atom energies, distance gradient and the trace
-    (an opaque object that `backward` takes)."""
-    return native_module().forward(*kernel_arguments(weights), input_features, neighbour_index, distance_angstrom, hipnn_forces.SLOT_CHUNK_BYTES)
+ENTRIES = {"distances": ("forward", "backward"), "positions": ("forward_forces", "backward_forces")}  # the extension's, by start
 
 
-def forward_forces(
-    weights: HipnnWeights, input_features: torch.Tensor, positions_angstrom: torch.Tensor, neighbour_index: torch.Tensor,
-    neighbour_shift_angstrom: torch.Tensor, neighbour_mask: torch.Tensor, padding_angstrom: float,
+def native_passes(
+    weights: HipnnWeights, start: str, input_features: torch.Tensor, neighbour_index: torch.Tensor, geometry: torch.Tensor, slots: tuple = ()
 ) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """The extension's passes from positions: atom energies, forces and the trace (for `backward_forces`)."""
-    return native_module().forward_forces(
-        *kernel_arguments(weights), input_features, neighbour_index, positions_angstrom, neighbour_shift_angstrom, neighbour_mask,
-        padding_angstrom, hipnn_forces.SLOT_CHUNK_BYTES,
-    )
+    """The extension's forward and force passes from "distances" (n, k) or "positions" (n, 3), with
+    `slots` (periodic shift, mask, padding component) for positions: atom energies, then dE/d(distance)
+    or forces, and the trace (an opaque object that the matching backward takes)."""
+    forward = getattr(native_module(), ENTRIES[start][0])
+    return forward(*kernel_arguments(weights), input_features, neighbour_index, geometry, *slots, hipnn_forces.SLOT_CHUNK_BYTES)
 
 
 class NativeEnergyForces(torch.autograd.Function):
-    """`hipnn_forces.HipnnEnergyForces` with both passes and the written-out backward in C++.
-    Arguments: `HipnnWeights`, neighbour index (n, k), distances (n, k), input features (n, f_0),
-    then the weights' `tensors()`."""
+    """`hipnn_forces.HipnnEnergyForces` with both passes and the written-out backward in C++, from
+    distances (outputs: atom energies, dE/d(distance)) or from positions (atom energies, forces).
+    Arguments: `HipnnWeights`, "distances" or "positions", neighbour index (n, k), the geometry, the
+    slots' other tensors (`native_passes`), input features (n, f_0), then the weights' `tensors()`."""
 
     @staticmethod
-    def forward(ctx, weights, neighbour_index, distance_angstrom, input_features, *weight_tensors):
-        energies, distance_gradient, ctx.trace = forward_and_force(weights, input_features, neighbour_index, distance_angstrom)
-        return energies, distance_gradient
+    def forward(ctx, weights, start, neighbour_index, geometry, slots, input_features, *weight_tensors):
+        energies, second, ctx.trace = native_passes(weights, start, input_features, neighbour_index, geometry, slots)
+        ctx.start = start
+        return energies, second
 
     @staticmethod
-    def backward(ctx, energy_cotangent, distance_cotangent):
-        if ctx.needs_input_grad[2]:
-            raise RuntimeError("HIP-NN's hand-written forces have no gradient with respect to distances (no Hessians)")
-        gradients, input_cotangent = native_module().backward(ctx.trace, energy_cotangent, distance_cotangent, ctx.needs_input_grad[3])
-        return (None, None, None, input_cotangent, *gradients)
+    def backward(ctx, energy_cotangent, second_cotangent):
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError(f"HIP-NN's hand-written forces have no gradient with respect to {ctx.start} (no Hessians)")
+        backward = getattr(native_module(), ENTRIES[ctx.start][1])
+        gradients, input_cotangent = backward(ctx.trace, energy_cotangent, second_cotangent, ctx.needs_input_grad[5])
+        return (None, None, None, None, None, input_cotangent, *gradients)
 
 
-class NativeForces(torch.autograd.Function):
-    """`NativeEnergyForces` with the displacements, distances and forces in C++ too: from positions to
-    atom energies and forces. Arguments: `HipnnWeights`, neighbour index, shift and mask (n, k, ...),
-    the padding vector's component, positions (n, 3), input features, then the weights' `tensors()`."""
-
-    @staticmethod
-    def forward(ctx, weights, neighbour_index, shift, mask, padding, positions, input_features, *weight_tensors):
-        energies, forces, ctx.trace = forward_forces(weights, input_features, positions, neighbour_index, shift, mask, padding)
-        return energies, forces
-
-    @staticmethod
-    def backward(ctx, energy_cotangent, force_cotangent):
-        if ctx.needs_input_grad[5]:
-            raise RuntimeError("HIP-NN's hand-written forces have no gradient with respect to positions (no Hessians)")
-        gradients, input_cotangent = native_module().backward_forces(ctx.trace, energy_cotangent, force_cotangent, ctx.needs_input_grad[6])
-        return (None, None, None, None, None, None, input_cotangent, *gradients)
+def native_energies(
+    weights: HipnnWeights, start: str, input_features: torch.Tensor, neighbour_index: torch.Tensor, geometry: torch.Tensor, slots: tuple = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`native_passes` without the trace: with gradients on, both outputs carry the written-out
+    backward to the weights (and the input features); with them off, no trace is kept."""
+    if torch.is_grad_enabled():
+        return NativeEnergyForces.apply(weights, start, neighbour_index, geometry, slots, input_features, *weights.tensors())
+    energies, second, _ = native_passes(weights, start, input_features, neighbour_index, geometry, slots)
+    return energies, second
 
 
 def energies_and_forces(
@@ -126,22 +116,14 @@ def energies_and_forces(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) atom energies and (n, 3) forces in eV/Angstrom from positions and neighbour slots (index,
     periodic shift and mask, each (n, k, ...); `padding_angstrom` in each component of a padded slot's
-    displacement), all in the compiled extension; with gradients on, both carry the written-out
-    backward to the weights (and the input features)."""
-    arguments = (neighbour_index, neighbour_shift_angstrom, neighbour_mask, padding_angstrom, positions_angstrom, input_features)
-    if torch.is_grad_enabled():
-        return NativeForces.apply(weights, *arguments, *weights.tensors())
-    energies, forces, _ = forward_forces(weights, input_features, positions_angstrom, neighbour_index, neighbour_shift_angstrom, neighbour_mask, padding_angstrom)
-    return energies, forces
+    displacement), all in the compiled extension."""
+    slots = (neighbour_shift_angstrom, neighbour_mask, padding_angstrom)
+    return native_energies(weights, "positions", input_features, neighbour_index, positions_angstrom, slots)
 
 
 def energies_and_distance_gradient(
     weights: HipnnWeights, input_features: torch.Tensor, neighbour_index: torch.Tensor, distance_angstrom: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) atom energies and (n, k) d(sum of atom energies)/d(distance) of every slot, by the
-    compiled extension: with gradients on, both carry the written-out backward to the weights (and
-    the input features); with them off, no trace is kept."""
-    if torch.is_grad_enabled():
-        return NativeEnergyForces.apply(weights, neighbour_index, distance_angstrom, input_features, *weights.tensors())
-    energies, distance_gradient, _ = forward_and_force(weights, input_features, neighbour_index, distance_angstrom)
-    return energies, distance_gradient
+    compiled extension."""
+    return native_energies(weights, "distances", input_features, neighbour_index, distance_angstrom)
