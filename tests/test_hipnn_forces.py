@@ -142,18 +142,18 @@ def test_molecules_match_autograd(config_name: str, ethanol_batch: Batch) -> Non
     assert_matches_autograd(model, batch)
 
 
-def box_model_and_batch() -> tuple[Potential, Batch]:
+def box_model_and_batch(dtype: torch.dtype = torch.float64) -> tuple[Potential, Batch]:
     """A perturbed two-level model with level embeddings (BOX_CONFIG) and `periodic_box` at its second
     level, with random force labels."""
-    model = build_potential([1, 6, 8], BOX_CONFIG, seed=1, dtype=torch.float64)
+    model = build_potential([1, 6, 8], BOX_CONFIG, seed=1, dtype=dtype)
     for level in ("first", "second"):
         model.add_level(EnergyReference(level, [1, 6, 8], np.zeros(3)))
     model = perturbed(model, seed=2)
     box = periodic_box()
-    batch = SkinNeighbourBatch("second", model.species, BOX_CONFIG.cutoff_angstrom, 0.3, torch.float64).batch(
+    batch = SkinNeighbourBatch("second", model.species, BOX_CONFIG.cutoff_angstrom, 0.3, dtype).batch(
         box.numbers, box.positions, box.cell[:], box.pbc
     )
-    forces = torch.randn(len(box), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    forces = torch.randn(len(box), 3, dtype=dtype, generator=torch.Generator().manual_seed(3))
     return model, replace(batch, forces_ev_per_angstrom=forces)
 
 

@@ -3,7 +3,7 @@
 gradients of a loss on energies and forces, in float64 to 1e-12 relative, for molecules with padded
 slots, a periodic box with level embeddings and three interaction layers (from positions, and from
 distances when stress is asked), chunked slot products, feature widths across the vector blocks of the
-slot products, an empty batch and along ASE molecular dynamics; float32 to float32's rounding. The
+slot products, input rows narrower than one vector (float32), an empty batch and along ASE molecular dynamics; float32 to float32's rounding. The
 slot products equal torch.bmm, written and accumulated. A failed build is an InputError.
 
 The extension is built once per machine (~30 s, then cached); these tests need a C++ compiler."""
@@ -54,7 +54,7 @@ def assert_native_matches_python(model: Potential, batch: Batch, tolerance: floa
         assert_relative_close(native.strain_derivative_ev, python.strain_derivative_ev, "dE/d(strain)", tolerance)
 
 
-def assert_native_training_matches_python(model: Potential, batch: Batch) -> None:
+def assert_native_training_matches_python(model: Potential, batch: Batch, tolerance: float = TOLERANCE) -> None:
     """The weight gradients (level embeddings included) of a loss on energies and forces, both ways."""
     gradients = {}
     for native in (False, True):
@@ -63,7 +63,7 @@ def assert_native_training_matches_python(model: Potential, batch: Batch) -> Non
         gradients[native] = weight_gradients(model, prediction.residual_energy_ev, prediction.forces_ev_per_angstrom, batch)
     assert set(gradients[True]) == set(gradients[False])
     for name, expected in gradients[False].items():
-        assert_relative_close(gradients[True][name], expected, f"gradient of {name}", TOLERANCE)
+        assert_relative_close(gradients[True][name], expected, f"gradient of {name}", tolerance)
 
 
 @pytest.mark.parametrize("config_name", sorted(MOLECULE_CONFIGS))
@@ -80,6 +80,15 @@ def test_periodic_box_with_level_embeddings_matches_the_python_kernels() -> None
     assert_native_matches_python(model, batch)  # from positions in the extension (periodic shifts)
     assert_native_matches_python(model, batch, stress=True)  # from distances, the displacements kept for the stress
     assert_native_training_matches_python(model, batch)
+
+
+def test_narrow_input_rows_match_in_float32() -> None:
+    """Input features of 6 float32 elements (3 species, 3 level features) are narrower than one vector:
+    their environment, and the messages back to the trainable level features, take the narrow loops."""
+    model, batch = box_model_and_batch(torch.float32)
+    assert model.backbone.input_features(batch.species_index, model.level_features("second"), torch.float32).shape[1] == 6
+    assert_native_matches_python(model, batch, tolerance=1e-5)
+    assert_native_training_matches_python(model, batch, tolerance=1e-4)
 
 
 def test_chunked_slot_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +126,7 @@ def test_forces_from_positions_have_no_position_gradient() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("slots", "sensitivities", "features"), [(8, 20, 64), (3, 5, 3), (26, 7, 70), (1, 4, 37)])
+@pytest.mark.parametrize(("slots", "sensitivities", "features"), [(8, 20, 64), (3, 5, 3), (8, 20, 7), (2, 3, 1), (26, 7, 70), (1, 4, 37)])
 def test_slot_products_equal_batched_matrix_products(dtype: torch.dtype, slots: int, sensitivities: int, features: int) -> None:
     """The extension's per-atom products, written and accumulated, against torch.bmm: widths below one
     vector, of whole vectors, and beyond a block of eight with elements left over."""

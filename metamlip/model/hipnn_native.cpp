@@ -283,6 +283,22 @@ int64_t vector_blocks(int64_t columns, Block&& block) {
   return column + vectors * lanes;
 }
 
+// out_r (+)= sum_q c(q, r) right_q for one atom: n_r rows of `columns`, c(q, r) = coefficients[q * q_stride + r * r_stride].
+template <typename T>
+void combine_rows(const T* coefficients, int64_t q_stride, int64_t r_stride, const T* right, T* out, int64_t n_q, int64_t n_r, int64_t columns,
+                  bool accumulate) {
+  const int64_t rest = vector_blocks<T>(columns, [&](auto vectors, int64_t column) {
+    combine_block<T, decltype(vectors)::value>(coefficients, q_stride, r_stride, right, out, n_q, n_r, columns, column, accumulate);
+  });
+  for (int64_t row = 0; row < n_r; ++row) {
+    for (int64_t column = rest; column < columns; ++column) {
+      T total = accumulate ? out[row * columns + column] : T(0);
+      for (int64_t q = 0; q < n_q; ++q) total += coefficients[q * q_stride + row * r_stride] * right[q * columns + column];
+      out[row * columns + column] = total;
+    }
+  }
+}
+
 // out_a (+)= op(left_a) right_a for every atom a: left (n, k, v), op(left) its transpose (v, k) or itself
 // (k, v); right (n, k, f) or (n, v, f); out (n, v, f) or (n, k, f). Contiguous tensors.
 template <typename T>
@@ -295,19 +311,8 @@ void slot_product_loop(Tensor out, const Tensor& left, bool transpose_left, cons
   T* out_p = out.data_ptr<T>();
   at::parallel_for(0, left.size(0), 16, [&](int64_t begin, int64_t end) {
     for (int64_t atom = begin; atom < end; ++atom) {
-      const T* c = left_p + atom * n_slots * n_sens;
-      const T* r = right_p + atom * n_q * columns;
-      T* o = out_p + atom * n_r * columns;
-      const int64_t rest = vector_blocks<T>(columns, [&](auto vectors, int64_t column) {
-        combine_block<T, decltype(vectors)::value>(c, q_stride, r_stride, r, o, n_q, n_r, columns, column, accumulate);
-      });
-      for (int64_t row = 0; row < n_r; ++row) {
-        for (int64_t column = rest; column < columns; ++column) {
-          T total = accumulate ? o[row * columns + column] : T(0);
-          for (int64_t q = 0; q < n_q; ++q) total += c[q * q_stride + row * r_stride] * r[q * columns + column];
-          o[row * columns + column] = total;
-        }
-      }
+      combine_rows(left_p + atom * n_slots * n_sens, q_stride, r_stride, right_p + atom * n_q * columns, out_p + atom * n_r * columns, n_q, n_r,
+                   columns, accumulate);
     }
   });
 }
@@ -342,6 +347,24 @@ void dot_block(const T* left, const T* right, T* out, int64_t n_slots, int64_t n
   }
 }
 
+// out_(i, j) (+)= left_i . right_j for one atom: n_left x n_right dots of rows of `columns`.
+template <typename T>
+void dot_rows(const T* left, const T* right, T* out, int64_t n_left, int64_t n_right, int64_t columns, bool accumulate) {
+  bool add = accumulate;  // the first block of columns writes unless accumulating; later blocks add
+  const int64_t rest = vector_blocks<T>(columns, [&](auto vectors, int64_t column) {
+    dot_block<T, decltype(vectors)::value>(left, right, out, n_left, n_right, columns, column, add);
+    add = true;
+  });
+  if (rest == columns) return;
+  for (int64_t i = 0; i < n_left; ++i) {
+    for (int64_t j = 0; j < n_right; ++j) {
+      T total = add ? out[i * n_right + j] : T(0);
+      for (int64_t column = rest; column < columns; ++column) total += left[i * columns + column] * right[j * columns + column];
+      out[i * n_right + j] = total;
+    }
+  }
+}
+
 // out_a (+)= left_a right_a^T for every atom a: left (n, k, f), right (n, v, f), out (n, k, v). Contiguous tensors.
 template <typename T>
 void slot_dot_loop(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
@@ -351,22 +374,7 @@ void slot_dot_loop(Tensor out, const Tensor& left, const Tensor& right, bool acc
   T* out_p = out.data_ptr<T>();
   at::parallel_for(0, left.size(0), 16, [&](int64_t begin, int64_t end) {
     for (int64_t atom = begin; atom < end; ++atom) {
-      const T* x = left_p + atom * n_slots * columns;
-      const T* y = right_p + atom * n_sens * columns;
-      T* o = out_p + atom * n_slots * n_sens;
-      bool add = accumulate;  // the first block of columns writes unless accumulating; later blocks add
-      const int64_t rest = vector_blocks<T>(columns, [&](auto vectors, int64_t column) {
-        dot_block<T, decltype(vectors)::value>(x, y, o, n_slots, n_sens, columns, column, add);
-        add = true;
-      });
-      if (rest == columns) continue;
-      for (int64_t slot = 0; slot < n_slots; ++slot) {
-        for (int64_t v = 0; v < n_sens; ++v) {
-          T total = add ? o[slot * n_sens + v] : T(0);
-          for (int64_t column = rest; column < columns; ++column) total += x[slot * columns + column] * y[v * columns + column];
-          o[slot * n_sens + v] = total;
-        }
-      }
+      dot_rows(left_p + atom * n_slots * columns, right_p + atom * n_sens * columns, out_p + atom * n_slots * n_sens, n_slots, n_sens, columns, accumulate);
     }
   });
 }
@@ -438,8 +446,41 @@ Tensor slot_forces_adjoint(const Tensor& force_cotangent, const Tensor& vector, 
 #define METAMLIP_DISPATCH(tensor, function, ...) \
   ((tensor).scalar_type() == torch::kFloat ? function<float>(__VA_ARGS__) : function<double>(__VA_ARGS__))
 
-// Rows narrower than one vector (the first interaction's one-hot input) go to ATen's bmm, faster there (BENCHMARKS.md).
+// Rows narrower than one vector (the first interaction's one-hot input: f = the number of elements)
+// leave the vector blocks idle. The environment and the messages run along the sensitivities instead,
+// with the atom's narrow matrix transposed to (f, v) in a scratch buffer: 2.2-2.8x faster than ATen's
+// bmm there; the dots stay with bmm, faster than these loops (benchmarks/bench_slot_products.py, BENCHMARKS.md).
 bool narrow(const Tensor& rows) { return rows.size(-1) * rows.element_size() < kVectorBytes; }
+
+// slot_product_loop for narrow rows: left (n, k, v); right the rows (n, k, f) for the environment
+// (transpose_left: out (n, v, f)), else (n, v, f) for the messages (out (n, k, f)).
+template <typename T>
+void narrow_product_loop(Tensor out, const Tensor& left, bool transpose_left, const Tensor& right, bool accumulate) {
+  const int64_t n_slots = left.size(1), n_sens = left.size(2), columns = right.size(2);
+  const T* left_p = left.data_ptr<T>();
+  const T* right_p = right.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  at::parallel_for(0, left.size(0), 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(columns * n_sens);  // (f, v)
+    T* transposed = scratch.data();
+    for (int64_t atom = begin; atom < end; ++atom) {
+      const T* s = left_p + atom * n_slots * n_sens;
+      const T* r = right_p + atom * right.size(1) * columns;
+      T* o = out_p + atom * out.size(1) * columns;
+      if (transpose_left) {  // (x^T s) (f, v) here, then (+)= its transpose into o
+        combine_rows(r, columns, int64_t{1}, s, transposed, n_slots, columns, n_sens, false);
+        for (int64_t v = 0; v < n_sens; ++v) {
+          for (int64_t c = 0; c < columns; ++c) o[v * columns + c] = (accumulate ? o[v * columns + c] : T(0)) + transposed[c * n_sens + v];
+        }
+      } else {  // e^T (f, v) here, then o[k, c] (+)= s_k . e^T_c
+        for (int64_t v = 0; v < n_sens; ++v) {
+          for (int64_t c = 0; c < columns; ++c) transposed[c * n_sens + v] = r[v * columns + c];
+        }
+        dot_rows(s, transposed, o, n_slots, columns, n_sens, accumulate);
+      }
+    }
+  });
+}
 
 // out (+)= left right per atom (ATen's batched product), written or, with `accumulate`, added.
 void batched_product_into(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
@@ -453,7 +494,7 @@ void batched_product_into(Tensor out, const Tensor& left, const Tensor& right, b
 // op(left_a) right_a for every atom a (slot_product_loop), written into `out` or, with `accumulate`, added to it.
 void slot_product_into(Tensor out, const Tensor& left, bool transpose_left, const Tensor& right, bool accumulate) {
   TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
-  if (narrow(right)) return batched_product_into(out, transpose_left ? left.transpose(1, 2) : left, right, accumulate);
+  if (narrow(right)) return METAMLIP_DISPATCH(right, narrow_product_loop, out, left.contiguous(), transpose_left, right.contiguous(), accumulate);
   METAMLIP_DISPATCH(right, slot_product_loop, out, left.contiguous(), transpose_left, right.contiguous(), accumulate);
 }
 
@@ -466,7 +507,7 @@ Tensor slot_product(const Tensor& left, bool transpose_left, const Tensor& right
 // left_a right_a^T for every atom a (slot_dot_loop), written into `out` or, with `accumulate`, added to it.
 void slot_dots_into(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
   TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
-  if (narrow(right)) return batched_product_into(out, left, right.transpose(1, 2), accumulate);
+  if (narrow(right)) return batched_product_into(out, left, right.transpose(1, 2), accumulate);  // ATen's is faster there
   METAMLIP_DISPATCH(right, slot_dot_loop, out, left.contiguous(), right.contiguous(), accumulate);
 }
 
