@@ -661,12 +661,14 @@ std::vector<Tensor> forward_and_force(Trace& t, const Tensor& distance) {
       r.sensitivity_slopes.push_back(slopes);
     }
     std::tie(r.activation, r.activation_slope) = METAMLIP_DISPATCH(features, activation, pre_activation);
-    features = torch::addmm(w.res_bias, r.activation, w.res_weight.t()).add_(w.adjusted() ? features.mm(w.adjust_weight.t()) : features);
+    // the residual sum in one pass, then the product added into it (not bias copy, product, sum: one pass fewer)
+    const Tensor shortcut = w.adjusted() ? features.mm(w.adjust_weight.t()).add_(w.res_bias) : features + w.res_bias;
+    features = shortcut.addmm_(r.activation, w.res_weight.t());
     for (const auto& layer : w.atom_layers) {
       LayerRecord& l = t.records[b].layers.emplace_back();
       l.features = features;
       std::tie(l.activation, l.activation_slope) = METAMLIP_DISPATCH(features, activation, torch::addmm(layer[1], features, layer[0].t()));
-      features = torch::addmm(layer[3], l.activation, layer[2].t()).add_(features);
+      features = (features + layer[3]).addmm_(l.activation, layer[2].t());
     }
     t.records[b].output = features;
     energies = torch::addmv(energies, features, t.read_out_weights[b + 1][0]).add_(t.read_out_biases[b]);
