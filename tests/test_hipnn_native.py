@@ -151,6 +151,20 @@ def test_slot_products_equal_batched_matrix_products(dtype: torch.dtype, slots: 
         assert_relative_close(accumulated, start + expected, f"{name}, accumulated", tolerance)
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 4e-7), (torch.float64, 1e-15)])
+def test_activation_equals_torch_softplus_and_sigmoid(dtype: torch.dtype, tolerance: float) -> None:
+    """softplus and sigmoid from one exponential (float32: log1p by a series, hipnn_native.cpp) within
+    a few units of the last place of their exact values at the same inputs, from h = -100 (softplus ~
+    4e-44) to 100, the threshold of 20 included."""
+    h = torch.cat([torch.linspace(-100, 100, 200_001, dtype=dtype), torch.tensor([0.0, 20.0, -87.5, -88.0, 1e-30, -1e-30], dtype=dtype)])
+    softplus, sigmoid = hipnn_native.native_module().activation(h)
+    exact = h.double()
+    for name, actual, expected in (("softplus", softplus, torch.nn.functional.softplus(exact)), ("sigmoid", sigmoid, torch.sigmoid(exact))):
+        normal = expected > torch.finfo(dtype).tiny  # below it the dtype holds fewer digits
+        error = ((actual.double() - expected).abs() / expected)[normal]
+        assert float(error.max()) <= tolerance, f"{name}: max relative error {float(error.max()):.2e}"
+
+
 def test_float32_matches_to_its_rounding() -> None:
     assert_native_matches_python(ethanol_model(dtype=torch.float32), ethanol_conformers(6.5, torch.float32), tolerance=1e-5)
 
