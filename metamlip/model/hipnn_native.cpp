@@ -181,9 +181,9 @@ void add_slot_sums(const Tensor& sensitivity_gradient, const Tensor& sensitivity
 
 // The gradients of mu and sigma (adjoint of `sensitivities`) from d(loss)/ds and d(loss)/d(ds/dr) of
 // the atoms [first, last), added to the per-sensitivity sums (see sensitivity_adjoint in
-// hipnn_force_training.py): with u, g recomputed, slope term t = c_ds g c/r^2, value term
-// w = c_s s + c_ds ds/dr and offset cotangent o = t sigma - u w, it adds o to `mu_sum` and
-// (o + t sigma) u to `sigma_sum`; the caller scales them by sigma / mu^2 and 1 / sigma.
+// hipnn_force_training.py): with u recomputed, slope term t = c_ds g c/r^2 = c_ds s/r^2 (no exponential:
+// s = g c), value term w = c_s s + c_ds ds/dr and offset cotangent o = t sigma - u w, it adds o to
+// `mu_sum` and (o + t sigma) u to `sigma_sum`; the caller scales them by sigma / mu^2 and 1 / sigma.
 template <typename T>
 void add_sensitivity_adjoint(const Geometry& g, const Tensor& mu, const Tensor& sigma, int64_t first, int64_t last, const Tensor& values,
                              const Tensor& slopes, const Tensor& values_cotangent, const Tensor& slopes_cotangent,
@@ -191,22 +191,19 @@ void add_sensitivity_adjoint(const Geometry& g, const Tensor& mu, const Tensor& 
   const int64_t n_slots = g.inverse.size(1), n_sens = mu.size(1);
   const T* mu_p = mu.data_ptr<T>();
   const T* sigma_p = sigma.data_ptr<T>();
-  const T exponent_floor = opaque(T(kGaussianExponentFloor));
   std::vector<T> inverse_mu(n_sens);
   for (int64_t v = 0; v < n_sens; ++v) inverse_mu[v] = T(1) / mu_p[v];
-  const T *inverse = g.inverse.data_ptr<T>(), *over_r2 = g.cutoff_over_r2.data_ptr<T>();
+  const T* inverse = g.inverse.data_ptr<T>();
   const T *s = values.data_ptr<T>(), *ds = slopes.data_ptr<T>(), *c_s = values_cotangent.data_ptr<T>(), *c_ds = slopes_cotangent.data_ptr<T>();
   double* mu_acc = mu_sum.data();
   double* sigma_acc = sigma_sum.data();
   for (int64_t slot = first * n_slots; slot < last * n_slots; ++slot) {
-    const T inv = inverse[slot], q = over_r2[slot];
+    const T inv = inverse[slot], inv2 = inv * inv;
     const int64_t row = (slot - first * n_slots) * n_sens;
 #pragma omp simd
     for (int64_t v = 0; v < n_sens; ++v) {
       const T u = (inv - inverse_mu[v]) * sigma_p[v];
-      T exponent = T(-0.5) * u * u;
-      exponent = exponent < exponent_floor ? exponent_floor : exponent;
-      const T slope_term = c_ds[row + v] * std::exp(exponent) * q;
+      const T slope_term = c_ds[row + v] * s[row + v] * inv2;
       const T value_term = c_s[row + v] * s[row + v] + c_ds[row + v] * ds[row + v];
       const T offset_cotangent = slope_term * sigma_p[v] - u * value_term;
       mu_acc[v] += offset_cotangent;
