@@ -462,7 +462,7 @@ Tensor slot_forces_adjoint(const Tensor& force_cotangent, const Tensor& vector, 
 
 // Rows narrower than one vector (the first interaction's one-hot input: f = the number of elements)
 // leave the vector blocks idle. The environment and the messages run along the sensitivities instead,
-// with the atom's narrow matrix transposed to (f, v) in a scratch buffer: 2.2-2.8x faster than ATen's
+// with the atom's narrow matrix transposed to (f, v) in a scratch buffer: 2.1-2.7x faster than ATen's
 // bmm there; the dots stay with bmm, faster than these loops (benchmarks/bench_slot_products.py, BENCHMARKS.md).
 bool narrow(const Tensor& rows) { return rows.size(-1) * rows.element_size() < kVectorBytes; }
 
@@ -630,7 +630,7 @@ Tensor neighbour_rows(const Tensor& rows, const Tensor& index, int64_t n_atoms, 
 }
 
 // out[index[i]] += slot_rows[i] for every slot i (the adjoint of neighbour_rows): one pass in slot order,
-// where ATen's index_add_ first sorts the index (2-3x the time at ethanol's sizes).
+// where ATen's index_add_ first sorts the index (2.4-3.4x the time at ethanol's sizes, BENCHMARKS.md).
 template <typename T>
 void add_rows(Tensor& out, const Tensor& index, const Tensor& slot_rows) {
   const int64_t columns = out.size(1), slots = index.numel();
