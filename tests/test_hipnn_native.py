@@ -3,8 +3,9 @@
 gradients of a loss on energies and forces, in float64 to 1e-12 relative, for molecules with padded
 slots, a periodic box with level embeddings and three interaction layers (from positions, and from
 distances when stress is asked), chunked slot products, feature widths across the vector blocks of the
-slot products, input rows narrower than one vector (float32), an empty batch and along ASE molecular dynamics; float32 to float32's rounding. The
-slot products equal torch.bmm, written and accumulated. A failed build is an InputError.
+slot products, input rows narrower than one vector (float32), an empty batch and along ASE molecular
+dynamics; float32 to float32's rounding. The slot products equal torch.bmm, written and accumulated,
+and softplus and sigmoid torch's. A failed build is an InputError.
 
 The extension is built once per machine (~30 s, then cached); these tests need a C++ compiler."""
 
@@ -30,7 +31,7 @@ from metamlip.model import hipnn_forces, hipnn_native
 from metamlip.model.hipnn import HipnnConfig
 from metamlip.model.hipnn_forces import HipnnWeights
 from metamlip.model.mace_config import MaceConfig
-from metamlip.model.potential import Potential, build_potential
+from metamlip.model.potential import SHARED_HEAD, Potential, build_potential
 from metamlip.readers import read_level
 from metamlip.training.checkpoint import save_checkpoint
 from metamlip.training.loop import MixedBatchEpochs, Task, TrainingSettings, fit
@@ -118,7 +119,7 @@ def test_forces_from_positions_have_no_position_gradient() -> None:
     positions = batch.positions_angstrom.clone().requires_grad_(True)
     features = model.backbone.input_features(batch.species_index, None, positions.dtype)
     _, forces = hipnn_native.energies_and_forces(
-        HipnnWeights.of(model.backbone, model.heads["shared"]), features, positions, batch.neighbour_index, batch.neighbour_shift_angstrom,
+        HipnnWeights.of(model.backbone, model.heads[SHARED_HEAD]), features, positions, batch.neighbour_index, batch.neighbour_shift_angstrom,
         batch.neighbour_mask, model.padding_component_angstrom(),
     )
     with pytest.raises(RuntimeError, match="no gradient with respect to positions"):

@@ -18,8 +18,8 @@
 #include <cstring>
 #include <limits>
 #include <map>
-#include <type_traits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -496,15 +496,6 @@ void narrow_product_loop(Tensor out, const Tensor& left, bool transpose_left, co
   });
 }
 
-// out (+)= left right per atom (ATen's batched product), written or, with `accumulate`, added.
-void batched_product_into(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
-  if (accumulate) {
-    out.baddbmm_(left, right);
-  } else {
-    torch::bmm_out(out, left, right);
-  }
-}
-
 // op(left_a) right_a for every atom a (slot_product_loop), written into `out` or, with `accumulate`, added to it.
 void slot_product_into(Tensor out, const Tensor& left, bool transpose_left, const Tensor& right, bool accumulate) {
   TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
@@ -521,8 +512,12 @@ Tensor slot_product(const Tensor& left, bool transpose_left, const Tensor& right
 // left_a right_a^T for every atom a (slot_dot_loop), written into `out` or, with `accumulate`, added to it.
 void slot_dots_into(Tensor out, const Tensor& left, const Tensor& right, bool accumulate) {
   TORCH_CHECK(out.is_contiguous(), "slot products write into contiguous tensors");
-  if (narrow(right)) return batched_product_into(out, left, right.transpose(1, 2), accumulate);  // ATen's is faster there
-  METAMLIP_DISPATCH(right, slot_dot_loop, out, left.contiguous(), right.contiguous(), accumulate);
+  if (!narrow(right)) return METAMLIP_DISPATCH(right, slot_dot_loop, out, left.contiguous(), right.contiguous(), accumulate);
+  if (accumulate) {  // ATen's bmm is faster than the loops on narrow rows here
+    out.baddbmm_(left, right.transpose(1, 2));
+  } else {
+    torch::bmm_out(out, left, right.transpose(1, 2));
+  }
 }
 
 Tensor slot_dots(const Tensor& left, const Tensor& right) {
@@ -530,7 +525,6 @@ Tensor slot_dots(const Tensor& left, const Tensor& right) {
   slot_dots_into(out, left, right, false);
   return out;
 }
-
 
 // rows @ matrix, once when every row is the same (the head's weights broadcast over atoms).
 Tensor row_product(const Tensor& rows, const Tensor& matrix) {
